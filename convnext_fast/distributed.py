@@ -1,0 +1,105 @@
+"""torchrun / DDP plumbing: read the launcher's environment, set up the process group, rank-0 helpers.
+
+Under `torchrun` (RANK, WORLD_SIZE, LOCAL_RANK set) this joins the process group (NCCL on CUDA, gloo on CPU) and
+pins the process to GPU LOCAL_RANK; without it everything is a no-op and world_size is 1.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+_INFO = DistInfo()
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def init_distributed(device: str | None = None, timeout_s: float = 1800.0) -> DistInfo:
+    """Join the torchrun process group if there is one; return this process's rank and device.
+
+    `device`: "cuda", "cpu" or None (CUDA when available). Under torchrun with CUDA, the device is cuda:LOCAL_RANK.
+    """
+    global _INFO
+    rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    kind = torch.device(kind).type
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPU(s)")
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    elif kind == "cpu":
+        dev = torch.device("cpu")
+    else:
+        raise ValueError(f"--device {device}: expected 'cuda' or 'cpu'")
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if kind == "cuda" else "gloo"
+        kwargs = {"device_id": dev} if kind == "cuda" else {}
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+    _INFO = DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+    return _INFO
+
+
+def get_info() -> DistInfo:
+    return _INFO
+
+
+def destroy_distributed() -> None:
+    global _INFO
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _INFO = DistInfo(device=_INFO.device)
+
+
+def is_main() -> bool:
+    return _INFO.is_main
+
+
+def print0(*args, **kwargs) -> None:
+    """print() on rank 0 only: one place prints."""
+    if _INFO.is_main:
+        print(*args, **kwargs)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum `t` over ranks in place (a no-op in a single process). Returns `t`."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
