@@ -163,6 +163,9 @@ def _line_plot(rows, keys, path: Path, ylabel: str, title: str, logy: bool = Fal
         return None
     if logy:
         ax.set_yscale("log")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no "epoch 0.5" ticks on short runs
     ax.set(xlabel="epoch", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -193,7 +196,7 @@ def plot_per_class(classes: Sequence[str], per_class_acc: Sequence[float], path:
     valid = [a for a in accs if a is not None]
     if valid:
         mean = sum(valid) / len(valid)
-        ax.axvline(mean, color="tab:red", linestyle="--", linewidth=1, label=f"mean {mean:.1f}%")
+        ax.axvline(mean, color="tab:red", linestyle="--", linewidth=1, label=f"mean over classes {mean:.1f}%")
         ax.legend(loc="lower right", fontsize=8)
     ax.set_yticks(ys, [_short(c) for c in classes], fontsize=8)
     ax.invert_yaxis()  # class 0 on top, as in the tables
@@ -272,7 +275,7 @@ def render_eval_report(console, classes: Sequence[str], metrics: dict, *, max_ma
     for i, name in enumerate(classes):
         acc = metrics["per_class_acc"][i]
         off = [(confusion[i][j], j) for j in range(n) if j != i and confusion[i][j] > 0]
-        worst = max(off) if off else None
+        worst = max(off, key=lambda t: t[0]) if off else None  # ties: the lower class index
         style = "" if acc is None or not math.isfinite(acc) else "green" if acc >= 90 else "red" if acc < 50 else ""
         per_class.add_row(str(i), name, str(totals[i]), str(confusion[i][i]), _fmt(acc, ".1f"),
                           f"{classes[worst[1]]} ({worst[0]})" if worst else "", style=style)
