@@ -3,8 +3,9 @@
 Built on ``timm.data.Mixup`` in ``mode="batch"`` (one lambda per batch, images mixed in place with their
 batch-reversed partner, ``mixup_target`` for the targets). What timm misses: it draws lambdas and boxes from
 numpy's *global* RNG, so a resumed run cannot replay them and any other user of ``np.random`` shifts them.
-``DeviceMixup`` overrides the two sampling methods to draw from its own ``np.random.Generator`` whose state
-is saved in checkpoints (``state_dict``/``load_state_dict``).
+``DeviceMixup`` overrides the two sampling methods to draw from a private ``np.random.Generator`` seeded from
+``(seed..., batch_counter)``: batch ``n`` gets the same lambda and box whatever happened before, and the only
+state is the counter, which is the same on every rank, so rank 0's checkpoint resumes every rank exactly.
 
 All randomness is drawn on the host (a few scalars per batch); the images and labels never leave the device and
 nothing in ``__call__`` waits for the device.
@@ -31,8 +32,8 @@ class DeviceMixup(Mixup):
         prob: probability that a batch is mixed at all (otherwise lambda = 1, targets only smoothed).
         switch_prob: probability of CutMix instead of Mixup when both alphas are > 0.
         smoothing: label smoothing folded into the targets (timm convention: off = s/C, on = 1 - s + s/C).
-        seed: seeds the private generator (an int or a sequence of ints, e.g. ``[seed, rank]`` to give each
-            rank its own lambdas).
+        seed: an int or a sequence of ints, e.g. ``[seed, rank]`` to give each rank its own lambdas. Batch ``n``
+            draws from ``np.random.default_rng([*seed, n])`` (~20 us on the host per batch).
 
     ``__call__(images, labels)`` mixes ``images`` ([B, 3, H, W], any float dtype/layout) *in place* and returns
     ``(images, soft_targets)`` with ``soft_targets`` float32 [B, C] on the labels' device, rows summing to 1.
@@ -54,7 +55,11 @@ class DeviceMixup(Mixup):
                 raise ValueError(f"DeviceMixup {name} must be in [0, {hi if hi is not None else 'inf'}], got {value}")
         super().__init__(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob, switch_prob=switch_prob,
                          mode="batch", correct_lam=True, label_smoothing=smoothing, num_classes=num_classes)
-        self.rng = np.random.default_rng(seed)
+        self.seed = tuple(int(v) for v in np.atleast_1d(seed))
+        if any(v < 0 for v in self.seed):
+            raise ValueError(f"DeviceMixup seed must be non-negative, got {seed}")
+        self.batches = 0  # batches seen so far (mixed or not): the whole checkpointed state
+        self.rng = np.random.default_rng([*self.seed, 0])
         self.last_lam = 1.0  # lambda of the latest batch (host float), for logging and tests
 
     @property
@@ -66,7 +71,11 @@ class DeviceMixup(Mixup):
         if labels.ndim != 1 or images.shape[0] != labels.shape[0]:
             raise ValueError(f"DeviceMixup expects images [B,...] and labels [B], got {tuple(images.shape)} "
                              f"and {tuple(labels.shape)}")
-        lam = self._mix_batch(images) if self.active else 1.0
+        lam = 1.0
+        if self.active:
+            self.rng = np.random.default_rng([*self.seed, self.batches])
+            lam = self._mix_batch(images)
+        self.batches += 1
         self.last_lam = float(lam)  # a host float drawn on the host: no device sync
         targets = mixup_target(labels, self.num_classes, self.last_lam, self.label_smoothing)
         return images, targets.float()
@@ -112,12 +121,12 @@ class DeviceMixup(Mixup):
     # --- checkpointing -------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The generator state (plain dict of str/int; JSON- and ``torch.load(weights_only=True)``-safe)."""
-        return {"bit_generator": self.rng.bit_generator.state}
+        """``{"batches": n}``: rank-independent, so one saved copy (rank 0's) restores every rank."""
+        return {"batches": self.batches}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the generator so the next draws continue exactly where the saved instance stopped."""
-        bg = state.get("bit_generator") if isinstance(state, dict) else None
-        if not isinstance(bg, dict) or bg.get("bit_generator") != type(self.rng.bit_generator).__name__:
+        """Continue as if ``state["batches"]`` batches had been mixed (with this instance's seed)."""
+        n = state.get("batches") if isinstance(state, dict) else None
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise ValueError(f"not a DeviceMixup state: {state!r:.200}")
-        self.rng.bit_generator.state = bg
+        self.batches = n

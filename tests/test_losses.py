@@ -76,3 +76,12 @@ def test_bad_inputs_raise():
         FocalLoss(2.0)(logits, soft[:, :3])
     with pytest.raises(ValueError, match="hard targets"):
         build_loss()(logits, labels.float())
+
+
+@pytest.mark.gpu
+def test_cuda_autocast_float32_and_matches_cpu():
+    logits, labels, soft = _batch()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = FocalLoss(2.0)(logits.cuda().bfloat16(), soft.cuda())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.cpu(), FocalLoss(2.0)(logits.bfloat16().float(), soft))

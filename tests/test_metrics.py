@@ -75,3 +75,19 @@ def test_bad_shapes():
     m = ClassificationMeter(4)
     with pytest.raises(ValueError, match="logits"):
         m.update(torch.randn(8, 5), torch.zeros(8, dtype=torch.long))
+
+
+@pytest.mark.gpu
+def test_cuda_update_never_syncs():
+    m = ClassificationMeter(10, "cuda")
+    logits, labels = torch.randn(64, 10, device="cuda"), torch.randint(0, 10, (64,), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # raises on any device->host wait
+    try:
+        m.update(logits, labels, torch.tensor(1.0, device="cuda"))
+        m.update(logits, labels, 2.0)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    out = m.compute()
+    assert out["count"] == 128 and out["loss"] == pytest.approx(1.5)
+    assert out["top1"] == pytest.approx(100 * (logits.argmax(1) == labels).float().mean().item())

@@ -41,7 +41,6 @@ def test_soft_targets_sum_to_one_and_mix_the_flipped_labels():
 def test_no_mixing_gives_smoothed_one_hot_and_leaves_images():
     for kwargs in ({"mixup_alpha": 0.0, "cutmix_alpha": 0.0}, {"prob": 0.0}):
         mix = DeviceMixup(C, smoothing=0.1, **kwargs)
-        state = mix.state_dict()
         images, labels = _batch()
         ref = images.clone()
         out, t = mix(images, labels)
@@ -49,7 +48,6 @@ def test_no_mixing_gives_smoothed_one_hot_and_leaves_images():
         assert torch.allclose(t[torch.arange(8), labels], torch.full((8,), 1 - 0.1 + 0.1 / C))
         assert torch.allclose(t.sum(1), torch.ones(8))
         assert ((t == 0.1 / C).sum(1) == C - 1).all()
-        assert mix.state_dict() == state  # inactive: no random number drawn
 
 
 def test_mixup_blend_is_lam_weighted():
@@ -96,10 +94,32 @@ def test_determinism_by_seed_and_state_round_trip():
     _draw(first, 3)
     state = first.state_dict()
     torch.save(state, "/dev/null")  # picklable
-    resumed = DeviceMixup(C, seed=999)
+    resumed = DeviceMixup(C, seed=7)
     resumed.load_state_dict(torch.load(_roundtrip(state), weights_only=True))
+    lams = []
     for (ia, ta), (ib, tb) in zip(_draw(uninterrupted, 4, seed=3), _draw(resumed, 4, seed=3)):
         assert torch.equal(ia, ib) and torch.equal(ta, tb)
+        lams.append(resumed.last_lam)
+    fresh = DeviceMixup(C, seed=7)  # without the state it would replay batches 0..3 instead of 3..6
+    fresh_lams = []
+    for i in range(4):
+        fresh(*_batch(seed=3 + i))
+        fresh_lams.append(fresh.last_lam)
+    assert fresh_lams != lams
+
+
+def test_rank0_state_resumes_every_rank():
+    """Per-rank seeds [seed, rank]; the checkpoint holds rank 0's state only."""
+    ranks = [DeviceMixup(C, seed=[7, r]) for r in range(2)]
+    for m in ranks:
+        _draw(m, 3)
+    saved = ranks[0].state_dict()
+    expected = [[t for _, t in _draw(m, 3, seed=3)] for m in ranks]
+    assert not all(torch.equal(a, b) for a, b in zip(*expected))  # ranks draw different lambdas
+    for r in range(2):
+        resumed = DeviceMixup(C, seed=[7, r])
+        resumed.load_state_dict(saved)
+        assert all(torch.equal(a, b) for a, b in zip(expected[r], [t for _, t in _draw(resumed, 3, seed=3)]))
 
 
 def _roundtrip(state):
@@ -139,3 +159,20 @@ def test_odd_batch_and_bad_args():
         DeviceMixup(C)(images, labels[:3])
     with pytest.raises(ValueError, match="DeviceMixup state"):
         DeviceMixup(C).load_state_dict({"foo": 1})
+    with pytest.raises(ValueError, match="seed"):
+        DeviceMixup(C, seed=-1)
+
+
+@pytest.mark.gpu
+def test_cuda_call_never_syncs():
+    mix = DeviceMixup(C, seed=0)
+    images, labels = _batch()
+    images, labels = images.cuda(), labels.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # raises on any device->host wait
+    try:
+        for _ in range(8):
+            _, t = mix(images, labels)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert t.device.type == "cuda" and torch.allclose(t.sum(1), torch.ones(8, device="cuda"))
