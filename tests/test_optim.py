@@ -21,7 +21,8 @@ def test_param_groups_convnext_atto(atto):
     decay = {names[id(p)] for p in groups["decay"]["params"]}
     no_decay = {names[id(p)] for p in groups["no_decay"]["params"]}
     # every parameter exactly once
-    assert len(decay) + len(no_decay) == len(names) == len(groups["decay"]["params"]) + len(groups["no_decay"]["params"])
+    n_params = len(groups["decay"]["params"]) + len(groups["no_decay"]["params"])
+    assert len(decay) + len(no_decay) == len(names) == n_params
     assert decay.isdisjoint(no_decay)
     for n, p in atto.named_parameters():
         if n.endswith(".bias") or "norm" in n or n.endswith(".gamma"):
