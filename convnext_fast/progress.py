@@ -1,0 +1,107 @@
+"""Training progress on the terminal: a rich progress bar on a TTY, plain log lines otherwise.
+
+Only the main rank shows anything (``enabled=False`` elsewhere). ``advance`` is called every step and touches
+only host state; the loss and throughput shown are refreshed at the loop's sync points (``update``).
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+
+def _eta(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "-:--"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class TrainProgress:
+    """Per-epoch progress (bar or log lines) plus one summary line per epoch."""
+
+    def __init__(self, *, enabled: bool = True, epochs: int = 1, tty: bool | None = None) -> None:
+        from rich.console import Console
+
+        self.enabled = enabled
+        self.epochs = epochs
+        self.tty = sys.stdout.isatty() if tty is None else tty
+        self.console = Console(highlight=False) if self.tty else Console(highlight=False, no_color=True,
+                                                                          width=200, soft_wrap=True)
+        self._progress = None
+        self._task = None
+        self.epoch = 0
+        self.steps = 0
+
+    def log(self, message: str) -> None:
+        if self.enabled:
+            self.console.print(message)
+
+    def start_epoch(self, epoch: int, steps: int, done: int = 0) -> None:
+        """Begin epoch ``epoch`` (0-based) of ``steps`` steps, ``done`` of them already run (resume)."""
+        self.epoch, self.steps = epoch, steps
+        if not (self.enabled and self.tty):
+            return
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self._progress = Progress(
+            TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[ips]} img/s  loss {task.fields[loss]}  lr {task.fields[lr]}"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console, transient=True)
+        self._progress.start()
+        self._task = self._progress.add_task("train", total=steps, completed=done,
+                                             epoch=f"{epoch + 1}/{self.epochs}", ips="-", loss="-", lr="-")
+
+    def advance(self) -> None:
+        """One step done (host-side only)."""
+        if self._progress is not None:
+            self._progress.advance(self._task)
+
+    def update(self, *, step_in_epoch: int, loss: float, lr: float, img_per_sec: float, elapsed_s: float,
+               steps_timed: int) -> None:
+        """Refresh the shown loss, lr and throughput (called at a sync point)."""
+        if not self.enabled:
+            return
+        eta = elapsed_s / max(steps_timed, 1) * (self.steps - step_in_epoch)
+        if self._progress is not None:
+            self._progress.update(self._task, loss=f"{loss:.4f}", lr=f"{lr:.2e}", ips=f"{img_per_sec:,.0f}")
+        else:
+            self.console.print(f"epoch {self.epoch + 1}/{self.epochs} step {step_in_epoch}/{self.steps}  "
+                               f"loss {loss:.4f}  lr {lr:.2e}  {img_per_sec:,.1f} img/s  eta {_eta(eta)}")
+
+    def end_epoch(self, row: dict) -> None:
+        """Close the bar and print the epoch's summary line."""
+        self._stop()
+        if not self.enabled:
+            return
+        parts = [f"epoch {row['epoch']}/{self.epochs}", f"train_loss {row['train_loss']:.4f}"]
+        for key, label, spec in (("val_loss", "val_loss", ".4f"), ("val_top1", "top1", ".2f"),
+                                 ("val_top5", "top5", ".2f"), ("ema_val_top1", "ema_top1", ".2f")):
+            if row.get(key) is not None:
+                parts.append(f"{label} {row[key]:{spec}}")
+        parts += [f"{row['img_per_sec']:,.1f} img/s", f"{row['epoch_time_s']:.1f}s",
+                  f"data wait {row['data_wait_pct']:.0f}%"]
+        self.console.print("  ".join(parts))
+
+    def _stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = self._task = None
+
+    def close(self) -> None:
+        self._stop()
+
+
+class Stopwatch:
+    """Wall-clock seconds since ``start()`` (host time; callers sync the device before reading it if needed)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def start(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0

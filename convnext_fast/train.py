@@ -1,0 +1,398 @@
+"""`convnext-fast train`: one readable training loop (nanoGPT style), DDP-aware.
+
+    setup:  process group -> seeds -> image index -> loaders -> engine (model, AdamW, Mixup, EMA, compile)
+            -> LR schedule -> run directory (config.json, classes.json) -> resume from checkpoints/last.pt
+    loop:   for each epoch: set_epoch, for each batch: lr, train_step, accumulate the loss on the device;
+            every `log_every` steps one sync: progress, non-finite check, stop request;
+            then evaluate (+EMA, +flip TTA), metrics.jsonl row, checkpoints, model.safetensors, early stopping
+    end:    plots, summary.json, epoch table
+
+Host syncs are marked `# SYNC`: one every `log_every` steps and a few per epoch, none inside a step.
+Rank 0 alone prints and writes files. Exact resume: the batches of an epoch are a pure function of
+(seed, epoch, shard), the checkpoint holds every RNG (per rank), the optimizer, EMA and Mixup counter; a
+mid-epoch checkpoint (Ctrl-C / SIGTERM) replays the epoch's loader up to where it stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from convnext_fast import checkpoint as ckpt_io
+from convnext_fast.config import TrainConfig
+from convnext_fast.data import ImageIndex, build_loader, scan_folder, stratified_split
+from convnext_fast.distributed import DistInfo, all_reduce_sum, destroy_distributed, init_distributed
+from convnext_fast.engine import Engine, build_engine
+from convnext_fast.evaluate import evaluate
+from convnext_fast.optim import WarmupCosine
+from convnext_fast.progress import TrainProgress
+from convnext_fast.report import RunReporter, atomic_write_text, epoch_table, to_jsonable
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM: a checkpoint was saved; ``exit_code`` is 128 + signal number."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+@dataclass
+class LoopState:
+    """The loop's own resume state (plain types only; saved in every checkpoint)."""
+
+    epoch: int = 0  # epochs completed
+    batch_in_epoch: int = 0  # batches of epoch `epoch` already trained (a mid-epoch checkpoint)
+    partial: dict = field(default_factory=dict)  # that epoch's running sums: loss_sum, images, data_wait_s, train_s
+    best_top1: float = -math.inf
+    best_epoch: int = 0
+    epochs_since_best: int = 0
+    stopped_early: bool = False
+    wall_time_s: float = 0.0  # over all sessions of this run
+    rows: list = field(default_factory=list)  # the metrics.jsonl rows so far
+    best_eval: dict = field(default_factory=dict)  # per_class_acc and confusion of the best epoch
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag the loop polls; a second Ctrl-C aborts at once."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> None:
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread (e.g. called from a notebook worker): no graceful stop
+            self._old = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the second Ctrl-C raises KeyboardInterrupt
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def resolve_data(cfg: TrainConfig) -> tuple[ImageIndex, ImageIndex]:
+    """(train, val) image indexes: DATA/train + DATA/val, or DATA split with --val-split, or the demo dataset."""
+    path = cfg.data.path
+    if path is None:
+        from convnext_fast.data.demo import ensure_demo_dataset
+
+        path = str(ensure_demo_dataset())
+    root = Path(path)
+    if not root.is_dir():
+        raise ValueError(f"DATA {root}: no such directory")
+    d = cfg.data
+    if (root / "train").is_dir():
+        if d.val_split is not None:
+            raise ValueError(f"DATA {root} has train/ (and val/); --val-split applies to a folder of classes only")
+        if not (root / "val").is_dir():
+            raise ValueError(f"DATA {root} has train/ but no val/ folder (or pass the class folders with --val-split)")
+        train_index = scan_folder(root / "train", skip_bad=d.skip_bad)
+        val_index = scan_folder(root / "val", skip_bad=d.skip_bad)
+        if val_index.classes != train_index.classes:
+            only_train = sorted(set(train_index.classes) - set(val_index.classes))
+            only_val = sorted(set(val_index.classes) - set(train_index.classes))
+            raise ValueError(f"DATA {root}: train/ and val/ have different classes (only in train: {only_train[:5]}, "
+                             f"only in val: {only_val[:5]})")
+        return train_index, val_index
+    if d.val_split is None:
+        raise ValueError(f"DATA {root} has no train/ and val/ folders; pass --val-split FRACTION to hold out part "
+                         f"of each class folder for validation")
+    return stratified_split(scan_folder(root, skip_bad=d.skip_bad), d.val_split, seed=cfg.run.seed)
+
+
+def default_run_dir(name: str | None) -> Path:
+    return Path("runs") / (name or time.strftime("%Y%m%d-%H%M%S"))
+
+
+def _seed_everything(seed: int, rank: int) -> None:
+    # Per-rank streams (drop path, host augmentation) so ranks do not draw identical noise; the initial weights
+    # are seeded separately in build_engine and are identical on every rank.
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+
+
+def _gather_rng(dist: DistInfo) -> list:
+    """Every rank's RNG state (collective under DDP), indexed by rank."""
+    state = ckpt_io.rng_state()
+    if not dist.distributed:
+        return [state]
+    out: list = [None] * dist.world_size
+    torch.distributed.all_gather_object(out, state)
+    return out
+
+
+def _save(run_dir: Path, name: str, engine: Engine, state: LoopState, meta: dict, dist: DistInfo) -> Path:
+    """Write checkpoints/<name> (rank 0; the RNG gather is collective, so every rank calls this)."""
+    rng = _gather_rng(dist)
+    path = run_dir / "checkpoints" / name
+    if dist.is_main:
+        ckpt_io.atomic_save({"format": ckpt_io.FORMAT, "meta": meta, "engine": engine.state_dict(),
+                             "loop": dataclasses.asdict(state), "rng": rng}, path)
+    return path
+
+
+def _link_best(run_dir: Path) -> None:
+    """checkpoints/best.pt := last.pt, atomically (a hard link: no second write of the same bytes)."""
+    last, best = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
+    tmp = best.with_name(f".best.pt.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(last, tmp)
+    except OSError:  # filesystems without hard links
+        import shutil
+
+        shutil.copyfile(last, tmp)
+    os.replace(tmp, best)
+
+
+def _write_rows(run_dir: Path, rows: list) -> None:
+    atomic_write_text(run_dir / "metrics.jsonl",
+                      "".join(json.dumps(to_jsonable(r), allow_nan=False) + "\n" for r in rows))
+
+
+def _describe(cfg: TrainConfig, engine: Engine, dist: DistInfo, n_train: int, n_val: int, classes: list,
+              steps: int, lr: float) -> str:
+    s, gb = engine.speed, cfg.data.batch_size * dist.world_size
+    lr_note = "" if cfg.optim.lr is not None else f" (= {cfg.optim.ref_lr:g} x {gb} / {cfg.optim.ref_batch})"
+    params = sum(p.numel() for p in engine.model.parameters()) / 1e6
+    return (f"model {cfg.model.name} ({params:.1f}M params) | {len(classes)} classes | train {n_train} / val {n_val}"
+            f" images | {cfg.data.img_size}px | loader {cfg.data.loader}\n"
+            f"device {engine.device} x {dist.world_size} | batch {cfg.data.batch_size}/process, global {gb} | "
+            f"{steps} steps/epoch | lr {lr:.3g}{lr_note}\n"
+            f"compile {s.compile} | amp {s.amp} | channels_last {s.channels_last} | fused_adamw {s.fused_adamw} | "
+            f"device_mixup {s.device_mixup} | ema {cfg.recipe.model_ema} | tta {cfg.recipe.tta}")
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, tty: bool | None = None) -> dict:
+    """Train with ``cfg`` (run directory ``cfg.run.out``); ``resume`` continues from its checkpoints/last.pt.
+
+    Returns the summary dict (also written to summary.json). Raises ValueError for bad input, TrainingError for a
+    non-finite loss, Interrupted after saving a checkpoint on SIGINT/SIGTERM.
+    """
+    dist = init_distributed(cfg.run.device)
+    stop = _StopRequest()
+    stop.install()
+    try:
+        return _train(cfg, dist, resume, tty, stop)
+    finally:
+        stop.restore()
+        destroy_distributed()
+
+
+def _train(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None, stop: _StopRequest) -> dict:
+    t_start = time.perf_counter()
+    _seed_everything(cfg.run.seed, dist.rank)
+    if cfg.run.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = not cfg.run.deterministic  # static shapes: autotune convs once
+    torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul left on Ampere+ (no effect on CPU)
+    run_dir = Path(cfg.run.out) if cfg.run.out else default_run_dir(cfg.run.name)
+    if not resume and (run_dir / "checkpoints" / "last.pt").exists():
+        raise ValueError(f"--out {run_dir} already holds a run; continue it with --resume {run_dir} or choose "
+                         f"another --out")
+    train_index, val_index = resolve_data(cfg)
+    classes, d, dev = train_index.classes, cfg.data, dist.device
+    common = dict(img_size=d.img_size, backend=d.loader, device=dev, seed=cfg.run.seed, shard_id=dist.rank,
+                  num_shards=dist.world_size, num_workers=d.num_workers, crop_pct=d.crop_pct)
+    train_loader = build_loader(train_index, train=True, batch_size=d.batch_size, scale=d.scale, hflip=d.hflip,
+                                randaugment=d.randaugment, reprob=d.reprob, **common)
+    val_loader = build_loader(val_index, train=False, batch_size=d.eval_batch_size or 2 * d.batch_size, **common)
+    steps = len(train_loader)
+    if steps == 0:
+        raise ValueError(f"--batch-size {d.batch_size} x {dist.world_size} process(es) is larger than the "
+                         f"{len(train_index)} training images")
+    lr = cfg.optim.resolved_lr(d.batch_size * dist.world_size)
+    if cfg.optim.min_lr > lr:
+        raise ValueError(f"--min-lr {cfg.optim.min_lr:g} is above the peak lr {lr:g}")
+    engine = build_engine(cfg.model.name, len(classes), device=dev, speed=cfg.speed, recipe=cfg.recipe,
+                          optim=cfg.optim, lr=lr, drop_path=cfg.model.drop_path, seed=cfg.run.seed, rank=dist.rank,
+                          world_size=dist.world_size)
+    total_steps = cfg.run.epochs * steps
+    sched = WarmupCosine(engine.optimizer, base_lr=lr, min_lr=cfg.optim.min_lr, total_steps=total_steps,
+                         warmup_steps=min(round(cfg.optim.warmup_epochs * steps), total_steps))
+    meta = {"model_name": cfg.model.name, "num_classes": len(classes), "classes": classes, "img_size": d.img_size,
+            "crop_pct": d.crop_pct, "config": cfg.to_dict()}
+    state = LoopState()
+    if resume:
+        ckpt = ckpt_io.load_checkpoint(run_dir / "checkpoints" / "last.pt", map_location=dev)
+        if ckpt["meta"]["classes"] != classes:
+            raise ValueError(f"--resume {run_dir}: the checkpoint's classes differ from DATA's classes")
+        engine.load_state_dict(ckpt["engine"])
+        state = LoopState(**ckpt["loop"])
+        rngs = ckpt["rng"]
+        if len(rngs) == dist.world_size:
+            ckpt_io.set_rng_state(rngs[dist.rank])
+        del ckpt
+    reporter = RunReporter(run_dir, classes, is_main=dist.is_main)
+    progress = TrainProgress(enabled=dist.is_main, epochs=cfg.run.epochs, tty=tty)
+    if dist.is_main:
+        resolved = {"lr": lr, "global_batch": d.batch_size * dist.world_size, "world_size": dist.world_size,
+                    "steps_per_epoch": steps, "device": str(dev), "speed": dataclasses.asdict(engine.speed),
+                    "train_root": str(train_index.root), "val_root": str(val_index.root),
+                    "num_train": len(train_index), "num_val": len(val_index)}
+        atomic_write_text(run_dir / "config.json", json.dumps({**cfg.to_dict(), "resolved": resolved}, indent=2))
+        atomic_write_text(run_dir / "classes.json", json.dumps(classes, indent=2))
+        _write_rows(run_dir, state.rows)  # a resumed run drops rows logged after its checkpoint
+        progress.log(_describe(cfg, engine, dist, len(train_index), len(val_index), classes, steps, lr))
+        if resume:
+            progress.log(f"resuming {run_dir} at epoch {state.epoch + 1}, batch {state.batch_in_epoch}")
+
+    # ---------------------------------------------------------------------------------------------------------
+    # The loop.
+    # ---------------------------------------------------------------------------------------------------------
+    world, log_every, lr_now = dist.world_size, cfg.run.log_every, sched.lr_at(engine.step)
+    for epoch in range(state.epoch, cfg.run.epochs):
+        if state.stopped_early:
+            break
+        train_loader.set_epoch(epoch)
+        engine.model.train()
+        skip, part = state.batch_in_epoch, state.partial or {}
+        loss_sum = torch.full((), part.get("loss_sum", 0.0), dtype=torch.float64, device=dev)
+        window_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        bad_step = torch.full((), -1, dtype=torch.int64, device=dev)  # first optimizer step with a non-finite loss
+        images_seen, window_n = part.get("images", 0), 0
+        data_wait, train_before = part.get("data_wait_s", 0.0), part.get("train_s", 0.0)
+        progress.start_epoch(epoch, steps, done=skip)
+        t_epoch = t_train = time.perf_counter()
+        batches = iter(train_loader)
+        for i in range(steps):
+            t_wait = time.perf_counter()
+            images, labels = next(batches)
+            if i < skip:  # resuming mid-epoch: replay the epoch's loader up to where the checkpoint was taken
+                t_train = time.perf_counter()
+                continue
+            data_wait += time.perf_counter() - t_wait
+            lr_now = sched.step(engine.step)
+            loss = engine.train_step(images, labels)
+            loss_sum += loss
+            window_sum += loss
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), engine.step, bad_step)
+            images_seen += images.shape[0]
+            window_n += 1
+            progress.advance()
+            local_stop = stop.signum != 0 and world == 1  # single process: stop right after this step
+            if (i + 1) % log_every and i + 1 < steps and not local_stop:
+                continue
+            # SYNC (every log_every steps): losses, the non-finite flag and stop requests, summed over ranks.
+            flags = torch.stack([loss_sum, window_sum, (bad_step >= 0).double(),
+                                 torch.full((), float(stop.signum), dtype=torch.float64, device=dev)])
+            total, window, n_bad, signum = all_reduce_sum(flags).tolist()
+            if n_bad > 0:
+                where = int(bad_step.item())  # SYNC (only on the way out)
+                step_txt = f"at step {where}" if where >= 0 else f"on another rank by step {engine.step}"
+                raise TrainingError(f"non-finite loss {step_txt} (epoch {epoch + 1}); stopped. The last good "
+                                    f"checkpoint is {run_dir / 'checkpoints' / 'last.pt'}")
+            train_s = train_before + time.perf_counter() - t_train
+            progress.update(step_in_epoch=i + 1, loss=window / (window_n * world), lr=lr_now,
+                            img_per_sec=images_seen * world / max(train_s, 1e-9), elapsed_s=train_s,
+                            steps_timed=i + 1)
+            window_sum.zero_()
+            window_n = 0
+            if signum and i + 1 < steps:
+                state.batch_in_epoch = i + 1
+                state.partial = {"loss_sum": total / world, "images": images_seen, "data_wait_s": data_wait,
+                                 "train_s": train_s}
+                state.wall_time_s += time.perf_counter() - t_start
+                raise _interrupted(run_dir, engine, state, meta, dist, stop, progress)
+        train_s = train_before + time.perf_counter() - t_train
+        train_loss = total / (world * steps)
+
+        tta = cfg.recipe.tta
+        forwards = {"model": functools.partial(engine.eval_logits, tta=tta)}
+        if engine.ema is not None:
+            forwards["ema"] = functools.partial(engine.eval_logits, tta=tta, use_ema=True)
+        results = evaluate(forwards, val_loader, num_classes=len(classes), device=dev)  # SYNC (once per model)
+        row = {"epoch": epoch + 1, "step": engine.step, "lr": lr_now, "train_loss": train_loss,
+               "val_loss": results["model"]["loss"], "val_top1": results["model"]["top1"],
+               "val_top5": results["model"]["top5"]}
+        if "ema" in results:
+            row.update(ema_val_loss=results["ema"]["loss"], ema_val_top1=results["ema"]["top1"],
+                       ema_val_top5=results["ema"]["top5"])
+        row.update(img_per_sec=images_seen * world / max(train_s, 1e-9), epoch_time_s=time.perf_counter() - t_epoch,
+                   data_wait_pct=100.0 * data_wait / max(train_s, 1e-9), world_size=world)
+        # The exported and early-stopping model: the EMA when it is on (what model.safetensors holds).
+        selected = results["ema" if "ema" in results else "model"]
+        improved = selected["top1"] > state.best_top1  # NaN never improves
+        state.rows.append(row)
+        state.epoch, state.batch_in_epoch, state.partial = epoch + 1, 0, {}
+        if improved:
+            state.best_top1, state.best_epoch, state.epochs_since_best = selected["top1"], epoch + 1, 0
+            state.best_eval = {"per_class_acc": selected["per_class_acc"], "confusion": selected["confusion"]}
+        else:
+            state.epochs_since_best += 1
+        patience = cfg.run.patience
+        state.stopped_early = patience is not None and state.epochs_since_best >= patience and epoch + 1 < cfg.run.epochs
+        state.wall_time_s += time.perf_counter() - t_start
+        t_start = time.perf_counter()
+        reporter.log_epoch(row)
+        _save(run_dir, "last.pt", engine, state, meta, dist)
+        if improved and dist.is_main:
+            _link_best(run_dir)
+            weights = engine.ema.module if engine.ema is not None else engine.model
+            ckpt_io.export_safetensors(weights.state_dict(), run_dir / "model.safetensors",
+                                       {k: meta[k] for k in ckpt_io.META_KEYS})
+        progress.end_epoch(row)
+        if state.stopped_early:
+            progress.log(f"early stopping: no better val top-1 for {patience} epochs "
+                         f"(best {state.best_top1:.2f}% at epoch {state.best_epoch})")
+        # SYNC (once per epoch): a stop request that arrived during evaluation, agreed by every rank.
+        if all_reduce_sum(torch.tensor([float(stop.signum)], device=dev)).item() and epoch + 1 < cfg.run.epochs:
+            raise _interrupted(run_dir, engine, state, meta, dist, stop, progress, saved=True)
+    progress.close()
+    return _finish(cfg, run_dir, state, reporter, progress, dist, engine, lr)
+
+
+def _interrupted(run_dir: Path, engine: Engine, state: LoopState, meta: dict, dist: DistInfo, stop: _StopRequest,
+                 progress: TrainProgress, saved: bool = False) -> Interrupted:
+    progress.close()
+    path = run_dir / "checkpoints" / "last.pt" if saved else _save(run_dir, "last.pt", engine, state, meta, dist)
+    signum = stop.signum or signal.SIGINT
+    where = f"epoch {state.epoch + 1}, batch {state.batch_in_epoch}" if state.batch_in_epoch else \
+        f"the end of epoch {state.epoch}"
+    return Interrupted(int(signum), f"interrupted ({signal.Signals(signum).name}) at {where}; checkpoint saved to "
+                                    f"{path}; continue with: convnext-fast train --resume {run_dir}")
+
+
+def _finish(cfg: TrainConfig, run_dir: Path, state: LoopState, reporter: RunReporter, progress: TrainProgress,
+            dist: DistInfo, engine: Engine, lr: float) -> dict:
+    rows = state.rows
+    speeds = [r["img_per_sec"] for r in rows if r.get("img_per_sec")]
+    summary = {
+        "best_top1": state.best_top1 if math.isfinite(state.best_top1) else None,
+        "best_epoch": state.best_epoch, "epochs_run": len(rows), "epochs": cfg.run.epochs,
+        "stopped_early": state.stopped_early, "wall_time_s": state.wall_time_s,
+        "img_per_sec": sum(speeds) / len(speeds) if speeds else None,
+        "selected_weights": "ema" if engine.ema is not None else "model", "tta": cfg.recipe.tta,
+        "final_val_top1": rows[-1]["val_top1"] if rows else None, "model": cfg.model.name,
+        "world_size": dist.world_size, "global_batch": cfg.data.batch_size * dist.world_size, "lr": lr,
+        "device": str(engine.device), "run_dir": str(run_dir),
+    }
+    if dist.is_main:
+        reporter.write_summary(summary)
+        reporter.make_plots(rows, state.best_eval.get("per_class_acc"), state.best_eval.get("confusion"))
+        progress.console.print(epoch_table(rows, title=f"{run_dir}"))
+        progress.log(f"best val top-1 {summary['best_top1'] or 0:.2f}% at epoch {state.best_epoch} | "
+                     f"{summary['wall_time_s']:.0f}s | weights: {run_dir / 'model.safetensors'}")
+    return summary
