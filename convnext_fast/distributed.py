@@ -6,9 +6,11 @@ pins the process to GPU LOCAL_RANK; without it everything is a no-op and world_s
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
@@ -103,3 +105,34 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def all_gather_object(obj: Any) -> list:
+    """`[obj of rank 0, obj of rank 1, ...]` (collective under DDP; `[obj]` in a single process)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def state_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """A hex digest of a state dict's names, dtypes, shapes and exact bits (independent of memory layout).
+
+    Copies the tensors to the host: meant for once-per-run checks, not for the training step.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(state):
+        t = state[name].detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def replica_digests(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Every rank's `state_digest` of its replica, indexed by rank (collective under DDP).
+
+    DDP keeps replicas equal only as long as every rank applies the same update; a rank that skipped a step,
+    loaded other weights or updated a buffer on its own drifts silently. Equal digests prove it did not.
+    """
+    return all_gather_object(state_digest(state))
