@@ -5,6 +5,8 @@
   one global permutation per epoch; eval shards hold every sample exactly once.
 - `evaluate` (the train loop's evaluation) on 2 gloo processes, each on its eval shard, reports exactly what
   one process reports on the whole set, also when the shards are uneven or one rank has no sample at all.
+- every backend (torchvision, dali, synthetic) shards by rank the same way: with one image per class, the labels
+  a rank sees name the samples it got.
 - `replica_digests`: the cross-rank weight check the train loop uses; equal digests on equal weights, different
   ones as soon as one rank's weights differ.
 """
@@ -17,9 +19,10 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from PIL import Image
 
 from convnext_fast import distributed
-from convnext_fast.data import DatasetError, epoch_indices
+from convnext_fast.data import DatasetError, build_loader, epoch_indices
 from convnext_fast.evaluate import evaluate
 
 
@@ -92,6 +95,77 @@ def test_bad_shard_arguments_are_value_errors():
         epoch_indices(10, train=True, batch_size=2, shard_id=2, num_shards=2)
     with pytest.raises(ValueError, match="batch size"):
         epoch_indices(10, train=False, batch_size=0)
+
+
+N_SAMPLES = 11  # one image per class, so a label names a sample
+
+
+@pytest.fixture(scope="module")
+def one_image_per_class(tmp_path_factory):
+    root = tmp_path_factory.mktemp("one_per_class")
+    for c in range(N_SAMPLES):
+        (root / f"c{c:02d}").mkdir()
+        Image.fromarray(np.full((20, 24, 3), 20 * c, np.uint8)).save(root / f"c{c:02d}" / "x.png")
+    return root
+
+
+def _rank_loaders(root, backend, train, batch_size, world_size):
+    return [build_loader(root, train=train, img_size=16, batch_size=batch_size, backend=backend, device="cpu",
+                         seed=5, shard_id=r, num_shards=world_size, num_workers=0 if backend != "dali" else 1,
+                         randaugment=None) for r in range(world_size)]
+
+
+def _labels(loader) -> list[int]:
+    out = []
+    for images, labels in loader:
+        assert images.shape[0] == labels.shape[0]
+        out += labels.tolist()
+    return out
+
+
+@pytest.mark.parametrize("backend", ["torchvision"])  # + "dali" once data/dali.py lands
+def test_backends_shard_by_rank(one_image_per_class, backend):
+    ws, bs = 2, 2
+    train = _rank_loaders(one_image_per_class, backend, True, bs, ws)
+    try:
+        per_epoch = []
+        for epoch in (0, 1):
+            seen = []
+            for loader in train:
+                loader.set_epoch(epoch)
+                seen.append(_labels(loader))
+            # 11 images, 2 ranks, batch 2: 4 each (2 steps), disjoint, the shards epoch_indices deals
+            assert [len(s) for s in seen] == [4, 4] and [len(loader) for loader in train] == [2, 2]
+            assert not set(seen[0]) & set(seen[1]), f"{backend}: ranks share samples {seen}"
+            for r, s in enumerate(seen):
+                assert sorted(s) == sorted(epoch_indices(N_SAMPLES, train=True, batch_size=bs, seed=5,
+                                                         epoch=epoch, shard_id=r, num_shards=ws).tolist())
+            per_epoch.append(seen)
+        assert per_epoch[0] != per_epoch[1], f"{backend}: not reshuffled between epochs"
+    finally:
+        for loader in train:
+            loader.close()
+    val = _rank_loaders(one_image_per_class, backend, False, 4, ws)
+    try:
+        seen = [_labels(loader) for loader in val]
+        assert [len(s) for s in seen] == [6, 5] and [loader.num_samples for loader in val] == [6, 5]
+        assert seen[0] + seen[1] == list(range(N_SAMPLES)), f"{backend}: eval shards {seen}"
+    finally:
+        for loader in val:
+            loader.close()
+
+
+def test_synthetic_backend_shard_sizes_follow_epoch_indices():
+    for n, ws, bs in ((9, 2, 2), (7, 3, 2), (1, 2, 4), (100, 8, 3)):
+        for train in (True, False):
+            if train and (n // ws) // bs == 0:
+                continue
+            loaders = [build_loader(None, train=train, img_size=8, batch_size=bs, backend="synthetic", device="cpu",
+                                    shard_id=r, num_shards=ws, num_samples=n, num_classes=3) for r in range(ws)]
+            counts = [sum(b.labels.numel() for b in loader) for loader in loaders]
+            expected = [len(epoch_indices(n, train=train, batch_size=bs, shard_id=r, num_shards=ws))
+                        for r in range(ws)]
+            assert counts == expected == [loader.num_samples for loader in loaders], (n, ws, bs, train)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -26,9 +26,11 @@ class SyntheticLoader:
             self._len = per_shard // cfg.batch_size
             self.num_samples = self._len * cfg.batch_size
         else:
-            self._len = -(-per_shard // cfg.batch_size)
-            self.num_samples = per_shard
-        if self._len == 0:
+            # epoch_indices' eval blocks: the first (total % shards) shards hold one more, so the shards sum to
+            # the total (every sample once); a shard may be empty when there are fewer samples than ranks.
+            self.num_samples = per_shard + int(cfg.shard_id < num_samples_total % cfg.num_shards)
+            self._len = -(-self.num_samples // cfg.batch_size)
+        if self._len == 0 and cfg.train:
             raise ValueError(f"synthetic loader: {num_samples_total} samples are too few for batch size "
                              f"{cfg.batch_size} on {cfg.num_shards} shard(s)")
         self._epoch = 0
