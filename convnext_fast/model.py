@@ -15,10 +15,7 @@ def create_model(name: str, num_classes: int, *, drop_path: float = 0.0, device:
     """``timm.create_model(name, pretrained=False, ...)`` on ``device``; an unknown name is a ValueError."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
-        hint = f" (similar: {', '.join(close)})" if close else ""
-        raise ValueError(f"--model: unknown timm model {name!r}{hint}")
+    check_model_name(name)
     kwargs = {"drop_path_rate": drop_path} if drop_path > 0 else {}
     try:
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
@@ -30,12 +27,9 @@ def create_model(name: str, num_classes: int, *, drop_path: float = 0.0, device:
     return model
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    """The raw module under torch.compile (``_orig_mod``) and DDP (``module``) wrappers."""
-    while True:
-        if hasattr(module, "_orig_mod"):
-            module = module._orig_mod
-        elif isinstance(module, nn.parallel.DistributedDataParallel):
-            module = module.module
-        else:
-            return module
+def check_model_name(name: str) -> None:
+    """ValueError unless ``name`` is a timm model."""
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise ValueError(f"--model: unknown timm model {name!r}{hint}")

@@ -35,6 +35,7 @@ from convnext_fast.data import ImageIndex, build_loader, scan_folder, stratified
 from convnext_fast.distributed import DistInfo, all_reduce_sum, destroy_distributed, init_distributed
 from convnext_fast.engine import Engine, build_engine
 from convnext_fast.evaluate import evaluate
+from convnext_fast.model import check_model_name
 from convnext_fast.optim import WarmupCosine
 from convnext_fast.progress import TrainProgress
 from convnext_fast.report import RunReporter, atomic_write_text, epoch_table, to_jsonable
@@ -116,6 +117,8 @@ def resolve_data(cfg: TrainConfig) -> tuple[ImageIndex, ImageIndex]:
                              f"only in val: {only_val[:5]})")
         return train_index, val_index
     if d.val_split is None:
+        if not any(p.is_dir() for p in root.iterdir()):
+            scan_folder(root)  # raises its "no class folders" DatasetError
         raise ValueError(f"DATA {root} has no train/ and val/ folders; pass --val-split FRACTION to hold out part "
                          f"of each class folder for validation")
     return stratified_split(scan_folder(root, skip_bad=d.skip_bad), d.val_split, seed=cfg.run.seed)
@@ -212,6 +215,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None, sto
     if not resume and (run_dir / "checkpoints" / "last.pt").exists():
         raise ValueError(f"--out {run_dir} already holds a run; continue it with --resume {run_dir} or choose "
                          f"another --out")
+    check_model_name(cfg.model.name)  # fail before scanning a large dataset
     train_index, val_index = resolve_data(cfg)
     classes, d, dev = train_index.classes, cfg.data, dist.device
     common = dict(img_size=d.img_size, backend=d.loader, device=dev, seed=cfg.run.seed, shard_id=dist.rank,
