@@ -1,0 +1,122 @@
+"""`convnext-fast benchmark --quick` end to end on a tiny image folder: every code path, real measurements."""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from convnext_fast.benchmark import SPEED_FEATURES
+
+TIMM_KEYS = ("samples_per_sec", "step_time_ms", "batch_size", "img_size")
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One --quick run over all three loaders (3 classes x 12 JPEGs of 48 px: epochs of 4 batches of 8)."""
+    root = tmp_path_factory.mktemp("bench")
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (root / "data" / "train" / f"class_{c}").mkdir(parents=True)
+        for i in range(12):
+            pixels = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "data" / "train" / f"class_{c}" / f"{i}.jpg", quality=90)
+    out = {"json": root / "out" / "bench.json", "markdown": root / "out" / "bench.md", "plot": root / "out" / "b.png"}
+    # OMP_WAIT_POLICY=PASSIVE: on a shared 2-core machine spinning OpenMP threads slow the steps many-fold.
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    cmd = [sys.executable, "-m", "convnext_fast", "benchmark", str(root / "data"), "--quick", "--device", "cpu",
+           "--dataset-size", "1000", *[x for k, p in out.items() for x in (f"--{k}", str(p))]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out["json"].read_text()), out, proc.stdout
+
+
+def _records(doc, kind):
+    return [r for r in doc["results"] if r["kind"] == kind]
+
+
+def test_every_measurement_ran_with_timm_style_keys(quick):
+    doc, _, _ = quick
+    cfg = doc["config"]
+    assert cfg["sizes"] == [32, 48] and cfg["model"] == "convnext_atto" and cfg["batch_size"] == 8
+    for size in (32, 48):
+        names = {(r["kind"], r["name"]) for r in doc["results"] if r["img_size"] == size}
+        assert {("loader", "dali"), ("loader", "torchvision"), ("loader", "synthetic"), ("step", "baseline"),
+                ("step", "fast"), ("loop", "baseline"), ("loop", "fast")} <= names
+    for r in doc["results"]:
+        assert "error" not in r, r
+        for key in TIMM_KEYS:
+            assert r[key] is not None
+        assert r["samples_per_sec"] > 0 and r["batch_size"] == 8
+        windows = r["samples_per_sec_windows"]
+        assert len(windows) == cfg["repeats"]
+        assert r["samples_per_sec"] == pytest.approx(statistics.median(windows), rel=1e-3)
+        assert r["samples_per_sec_min"] <= r["samples_per_sec"] <= r["samples_per_sec_max"]
+        assert r["peak_mem_mib"] > 0
+    for r in _records(doc, "step") + _records(doc, "loop"):
+        assert r["param_count"] == pytest.approx(doc["param_count"]) and r["loss_finite"]
+    for r in _records(doc, "loop"):
+        assert 0 <= r["data_wait_pct"] <= 100
+        assert r["loader"] == {"baseline": "torchvision", "fast": "dali"}[r["name"]]
+
+
+def test_steps_are_the_engine_baseline_and_fast_configurations(quick):
+    doc, _, _ = quick
+    steps = {(r["name"], r["img_size"]): r for r in _records(doc, "step")}
+    assert steps["baseline", 32]["speed"] == doc["config"]["baseline"]
+    assert steps["fast", 32]["speed"] == doc["config"]["fast"]
+    assert not any(steps["baseline", 32]["speed"][f] not in (False, "off") for f in SPEED_FEATURES)
+    # Ablations only at the first size under --quick; each flips exactly one feature of the fast step.
+    ablations = [r for r in _records(doc, "step") if r["name"].startswith("fast-")]
+    assert ablations and {r["img_size"] for r in ablations} == {32}
+    for r in ablations:
+        flipped = [f for f in SPEED_FEATURES if r["speed"][f] != doc["config"]["fast"][f]]
+        assert len(flipped) == 1 and r["name"].endswith(flipped[0])
+
+
+def test_speedups_and_epoch_times_are_computed_from_the_measurements(quick):
+    doc, _, _ = quick
+
+    def ips(kind, name, size):
+        (r,) = [r for r in doc["results"] if (r["kind"], r["name"], r["img_size"]) == (kind, name, size)]
+        return r["samples_per_sec"]
+
+    for s in doc["summary"]:
+        size = s["img_size"]
+        assert s["step_speedup"] == pytest.approx(ips("step", "fast", size) / ips("step", "baseline", size))
+        assert s["e2e_speedup"] == pytest.approx(ips("loop", "fast", size) / ips("loop", "baseline", size))
+        assert s["loader_speedup_dali_vs_torchvision"] == pytest.approx(
+            ips("loader", "dali", size) / ips("loader", "torchvision", size))
+        assert s["epoch_time_s"]["fast"] == pytest.approx(1000 / ips("loop", "fast", size))
+        assert s["pct_of_step_ceiling"]["fast"] == pytest.approx(
+            100 * ips("loop", "fast", size) / ips("step", "fast", size))
+        assert s["limited_by"] in ("loader", "model") and f"{s['pct_of_step_ceiling']['fast']:.0f}%" in s["verdict"]
+
+
+def test_environment_and_flops_are_recorded(quick):
+    doc, _, _ = quick
+    env = doc["environment"]
+    for key in ("torch", "torchvision", "timm", "nvidia_dali"):
+        assert env["versions"][key]
+    assert env["cpu"]["model"] and env["cpu"]["cores"] >= 1 and env["device"] == "cpu" and env["gpu"] is None
+    assert env["command"].startswith("convnext-fast benchmark") and "--quick" in env["command"]
+    assert "benchmark" in env["argv"] and env["env"]["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert set(env["git"]) == {"commit", "dirty"}
+    flops = {f["img_size"]: f for f in doc["flops"]["per_size"]}
+    assert flops[48]["fwd_flops_per_img"] > flops[32]["fwd_flops_per_img"] > 0
+    assert flops[32]["train_flops_per_img"] == 3 * flops[32]["fwd_flops_per_img"]
+    assert doc["peak_tflops"] is None and all(r.get("mfu_pct") is None for r in doc["results"])  # a CPU: no peak
+
+
+def test_markdown_plot_and_terminal_tables_are_written(quick):
+    doc, out, stdout = quick
+    md = out["markdown"].read_text()
+    assert doc["environment"]["command"] in md and "| size | measurement |" in md
+    assert "end-to-end: fast loop (dali)" in md and doc["summary"][0]["verdict"] in md
+    png = out["plot"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert "Speed-ups" in stdout and "limited by" in stdout and f"wrote {out['json']}" in stdout
