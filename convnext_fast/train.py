@@ -396,7 +396,9 @@ def _finish(cfg: TrainConfig, run_dir: Path, state: LoopState, reporter: RunRepo
     if dist.is_main:
         reporter.write_summary(summary)
         reporter.make_plots(rows, state.best_eval.get("per_class_acc"), state.best_eval.get("confusion"))
-        progress.console.print(epoch_table(rows, title=f"{run_dir}"))
+        keys = [k for k in ("epoch", "train_loss", "val_loss", "val_top1", "val_top5", "ema_val_top1", "lr",
+                            "img_per_sec", "epoch_time_s") if any(k in r for r in rows)]
+        progress.console.print(epoch_table(rows, keys=keys, title=f"{run_dir}"))
         progress.log(f"best val top-1 {summary['best_top1'] or 0:.2f}% at epoch {state.best_epoch} | "
                      f"{summary['wall_time_s']:.0f}s | weights: {run_dir / 'model.safetensors'}")
     return summary
