@@ -1,0 +1,341 @@
+"""The DALI backend: decode + augment on the GPU (`mixed` decoder, `gpu` ops), the same graph on the CPU without one.
+
+The pipeline is built once per loader. The host (this process's main thread) reads each batch's encoded files and
+draws every random parameter in numpy from (seed, epoch, shard, batch) (`dali_params`), then feeds both through
+`external_source`; so the batches of an epoch are a pure function of (seed, epoch, shard), resume is
+`set_epoch(e)`, and a decode failure is mapped back to the files of the batch that failed. DALI is imported only
+here, lazily, by the registry in `convnext_fast.data`.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections import deque
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from convnext_fast.data import Batch, DatasetError, ImageIndex, LoaderConfig, epoch_indices
+from convnext_fast.data.dali_params import plan_eval_batch, plan_train_batch
+
+_RA_INPUTS = ("geom", "pad_h", "pad_w", "warp", "warp_size", "bc", "brightness", "contrast", "color", "saturation",
+              "sharp", "kernel", "autocontrast", "equalize", "postsol", "post_mask", "sol_thresh", "sol_inv")
+# The A100's hardware JPEG decoder takes this share of a batch; CUDA cores decode the rest in parallel.
+HW_DECODER_LOAD = 0.65
+
+
+def _randaugment_on(cfg: LoaderConfig) -> bool:
+    return cfg.train and cfg.randaugment is not None and cfg.randaugment[0] > 0
+
+
+def input_names(cfg: LoaderConfig) -> tuple[str, ...]:
+    """The per-sample host plans the pipeline for `cfg` reads (besides the encoded bytes)."""
+    return ("roi_start", "roi_end") + (_RA_INPUTS if _randaugment_on(cfg) else ())
+
+
+def _train_augment(img, p: dict, dev: str):
+    """RandAugment stages after the crop; each runs only on the samples whose flag is set (DALI conditionals)."""
+    from nvidia.dali import fn, types
+
+    def on_dev(node):  # per-sample parameters used as regular inputs must live where the data is
+        return node.gpu() if dev == "gpu" else node
+
+    if p["bc"]:
+        gray = fn.color_space_conversion(img, image_type=types.RGB, output_type=types.GRAY)
+        # PIL's Contrast blends with the mean of the grayscale image; DALI's contrast_center takes it per sample.
+        mean = fn.reductions.mean(gray, axis_names="HWC")
+        img = fn.brightness_contrast(img, brightness=p["brightness"], contrast=p["contrast"],
+                                     contrast_center=mean.cpu())
+    if p["color"]:
+        # PIL's Color: blend with the grayscale image (fn.saturation works in HSV, a different op).
+        gray = fn.color_space_conversion(img, image_type=types.RGB, output_type=types.GRAY)
+        sat = on_dev(p["saturation"])
+        img = fn.cast(sat * img + (1.0 - sat) * gray, dtype=types.UINT8)  # float math: no uint8 wrap-around
+    if p["sharp"]:
+        img = fn.filter(img, on_dev(p["kernel"]), border="clamp")
+    if p["autocontrast"]:
+        lo = fn.cast(fn.reductions.min(img, axis_names="HW"), dtype=types.FLOAT)
+        hi = fn.cast(fn.reductions.max(img, axis_names="HW"), dtype=types.FLOAT)
+        spread = hi > lo  # PIL leaves a flat channel unchanged
+        std = ((hi - lo) * spread + (spread ^ True) * 255.0) / 255.0
+        img = fn.crop_mirror_normalize(img, mean=(lo * spread).cpu(), std=std.cpu(), dtype=types.UINT8,
+                                       output_layout="HWC")
+    if p["equalize"]:
+        img = fn.equalize(img)
+    if p["postsol"]:
+        img = img & on_dev(p["post_mask"])
+        img = img ^ ((img >= on_dev(p["sol_thresh"])) * on_dev(p["sol_inv"]))
+    return img
+
+
+def _graph(cfg: LoaderConfig, dev: str):
+    """The pipeline body: encoded bytes + host plans in, normalized HWC images out."""
+    from nvidia.dali import fn, types
+
+    # Every input is declared before the first conditional (an input made inside a branch would be split).
+    p = {name: fn.external_source(name=name) for name in input_names(cfg)}
+    jpegs = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+    decoder = {"device": "mixed", "hw_decoder_load": HW_DECODER_LOAD} if dev == "gpu" else {"device": "cpu"}
+    # adjust_orientation=False: torchvision's pil_loader ignores EXIF orientation too, and the host's crop
+    # plans use the stored (W, H).
+    img = fn.decoders.image(jpegs, output_type=types.RGB, adjust_orientation=False, **decoder)
+    S = cfg.img_size
+    if _randaugment_on(cfg):
+        if p["geom"]:
+            # A 1-px black border, so the warp's cheap clamp-to-edge border reads as torchvision's black fill.
+            img = fn.crop(img, crop_h=p["pad_h"], crop_w=p["pad_w"], crop_pos_x=0.5, crop_pos_y=0.5,
+                          out_of_bounds_policy="pad", fill_values=0)
+            img = fn.warp_affine(img, matrix=p["warp"], size=p["warp_size"], interp_type=types.INTERP_LINEAR)
+    img = fn.resize(img, size=(S, S), roi_start=p["roi_start"], roi_end=p["roi_end"], roi_relative=False,
+                    antialias=True, interp_type=types.INTERP_LINEAR, dtype=types.UINT8)
+    if _randaugment_on(cfg):
+        img = _train_augment(img, p, dev)
+    out_type = types.FLOAT16 if cfg.dtype == torch.float16 else types.FLOAT
+    return fn.crop_mirror_normalize(img, mean=[255 * m for m in cfg.mean], std=[255 * s for s in cfg.std],
+                                    dtype=out_type, output_layout="HWC")
+
+
+def _torch_out_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float16 if dtype == torch.float16 else torch.float32
+
+
+class DaliLoader:
+    """The loader protocol (see `convnext_fast.data`) over one DALI pipeline, built once and reused every epoch."""
+
+    def __init__(self, index: ImageIndex, cfg: LoaderConfig):
+        self.cfg = cfg
+        self.classes = list(index.classes)
+        self.class_to_idx = dict(index.class_to_idx)
+        self._paths = [p for p, _ in index.samples]
+        self._labels = np.asarray(index.targets, np.int64)
+        self._sizes = np.full((len(self._paths), 2), -1, np.int64)  # (W, H) read from each file's header once
+        self._cache: dict[int, np.ndarray] | None = _make_cache(cfg, self._paths)
+        self._epoch = 0
+        self._positions = self._epoch_positions()
+        self.num_samples = len(self._positions)
+        self._pipe = None
+        self._plans: Iterator | None = None
+        self._pending: deque = deque()  # (paths, labels) of batches fed to DALI and not yet returned, in order
+
+    def _epoch_positions(self) -> np.ndarray:
+        c = self.cfg
+        return epoch_indices(len(self._paths), train=c.train, batch_size=c.batch_size, seed=c.seed,
+                             epoch=self._epoch, shard_id=c.shard_id, num_shards=c.num_shards)
+
+    def __len__(self) -> int:
+        B = self.cfg.batch_size
+        return self.num_samples // B if self.cfg.train else -(-self.num_samples // B)
+
+    def set_epoch(self, epoch: int) -> None:
+        if int(epoch) != self._epoch:
+            self._epoch = int(epoch)
+            self._positions = self._epoch_positions()
+
+    # -- host side: what each batch feeds ------------------------------------------------------------------
+    def _read(self, pos: int) -> np.ndarray:
+        if self._cache is not None and pos in self._cache:
+            return self._cache[pos]
+        path = self._paths[pos]
+        try:
+            data = np.fromfile(path, dtype=np.uint8)
+        except OSError as e:
+            raise DatasetError(f"cannot read image {path}: {e.strerror or e}") from e
+        if self._cache is not None:
+            self._cache[pos] = data
+        return data
+
+    def _size(self, pos: int, data: np.ndarray) -> np.ndarray:
+        if self._sizes[pos, 0] < 0:
+            from PIL import Image
+
+            try:  # header only: PIL reads no pixel data here
+                with Image.open(io.BytesIO(data.tobytes())) as im:
+                    self._sizes[pos] = im.size
+            except Exception as e:  # PIL raises many types for bad files
+                raise DatasetError(f"cannot read image {self._paths[pos]}: {type(e).__name__}: {e}") from e
+        return self._sizes[pos]
+
+    def _batch_plans(self, epoch: int, positions: np.ndarray) -> Iterator[tuple]:
+        c, B = self.cfg, self.cfg.batch_size
+        for b in range(len(self)):
+            pos = positions[b * B:(b + 1) * B]
+            encoded = [self._read(int(p)) for p in pos]
+            sizes = np.stack([self._size(int(p), d) for p, d in zip(pos, encoded)])
+            if c.train:
+                rng = np.random.default_rng([c.seed, epoch, c.shard_id, b])
+                plan = plan_train_batch(rng, sizes, img_size=c.img_size, scale=c.scale, ratio=c.ratio,
+                                        hflip=c.hflip, randaugment=c.randaugment)
+            else:
+                plan = plan_eval_batch(sizes, img_size=c.img_size, crop_pct=c.crop_pct)
+            yield b, pos, encoded, plan
+
+    def _feed(self) -> None:
+        """Pipeline.iter_setup: feed the next batch; StopIteration (from `next`) ends the epoch for DALI."""
+        b, pos, encoded, plan = next(self._plans)
+        self._pipe.feed_input("encoded", encoded)
+        for name in input_names(self.cfg):
+            self._pipe.feed_input(name, plan[name])
+        self._pending.append((b, [self._paths[int(p)] for p in pos], self._labels[pos]))
+
+    # -- device side -----------------------------------------------------------------------------------------
+    def _build_pipeline(self):
+        from nvidia.dali import pipeline_def
+
+        cfg = self.cfg
+        dev = "gpu" if cfg.device.type == "cuda" else "cpu"
+
+        @pipeline_def(enable_conditionals=True)
+        def pipeline():
+            return _graph(cfg, dev)
+
+        pipe = pipeline(batch_size=cfg.batch_size, num_threads=max(1, cfg.num_workers),
+                        device_id=cfg.device.index if dev == "gpu" else None, seed=cfg.seed,
+                        prefetch_queue_depth=int(cfg.option("prefetch", 2)), exec_dynamic=True)
+        pipe.build()
+        pipe.iter_setup = self._feed
+        return pipe
+
+    def _to_batch(self, out, b: int, labels: np.ndarray) -> Batch:
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        c = self.cfg
+        tensor = out.as_tensor()
+        images = torch.empty(tuple(tensor.shape()), dtype=_torch_out_dtype(c.dtype), device=c.device)
+        stream = torch.cuda.current_stream(c.device) if c.device.type == "cuda" else None
+        feed_ndarray(tensor, images, cuda_stream=stream)
+        images = images.permute(0, 3, 1, 2)  # NHWC memory == channels_last [B, 3, S, S]
+        if images.dtype != c.dtype:
+            images = images.to(c.dtype)
+        if c.train and c.reprob > 0:
+            images = random_erase(images, c.reprob, np.random.default_rng([c.seed, self._iter_epoch, c.shard_id, b, 1]))
+        return Batch(images, torch.from_numpy(labels).to(c.device, non_blocking=True))
+
+    def _decode_error(self, err: Exception) -> DatasetError:
+        """Name the file DALI could not decode. DALI reports "Failed to decode sample #i" of the failed batch;
+        PIL confirms which file of the batches in flight is bad."""
+        from convnext_fast.data.index import decode_check
+
+        msg = str(err)
+        reason = msg.split("encountered:")[-1].split("Current pipeline object")[0].strip() or type(err).__name__
+        reason = " ".join(reason.split())
+        m = re.search(r"sample #(\d+)", msg)
+        batches = [paths for _, paths, _ in self._pending]
+        named = [paths[int(m[1])] for paths in batches if m and int(m[1]) < len(paths)]
+        for path in named + [p for paths in batches for p in paths]:
+            why = decode_check(path)
+            if why is not None:
+                return DatasetError(f"cannot decode image {path}: {why} (DALI: {reason})")
+        if named:
+            return DatasetError(f"cannot decode image {named[0]} (DALI: {reason})")
+        listed = "\n".join(f"  {p}" for p in (batches[0] if batches else ["(unknown)"]))
+        return DatasetError(f"DALI failed on a batch of these images ({reason}):\n{listed}")
+
+    def _drain(self) -> None:
+        """Finish an epoch the consumer left early, so the next one starts from an empty pipeline."""
+        pipe = self._pipe
+        self._plans = iter(())
+        pipe.schedule_run()  # only marks the end of the epoch: there is nothing left to feed
+        while not pipe.empty():
+            pipe.outputs()
+        pipe.reset()
+        self._pending.clear()
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self._pipe is None:
+            self._pipe = self._build_pipeline()
+        elif not self._pipe.empty() or self._pending:
+            self._drain()
+        pipe = self._pipe
+        self._pending.clear()
+        self._iter_epoch = self._epoch
+        self._plans = self._batch_plans(self._epoch, self._positions)
+        ok = False
+        try:
+            pipe.schedule_run()  # the first call prefetches prefetch_queue_depth batches
+            while True:
+                try:
+                    (out,) = pipe.outputs()
+                except StopIteration:
+                    break
+                except (RuntimeError, IndexError, ValueError) as e:  # DALI reports decode failures this way
+                    raise self._decode_error(e) from None
+                b, _, labels = self._pending.popleft()
+                pipe.schedule_run()
+                yield self._to_batch(out, b, labels)
+            pipe.reset()
+            ok = True
+        finally:
+            if not ok and self._pipe is not None and (self._pending or not pipe.empty()):
+                try:
+                    self._drain()
+                except Exception:  # a failed pipeline is not reusable: rebuild it on the next epoch
+                    self.close()
+
+    def close(self) -> None:
+        """Release the pipeline (its threads and buffers); iterating again rebuilds it."""
+        self._pipe = None
+        self._pending.clear()
+        self._plans = None
+
+
+def random_erase(images: torch.Tensor, prob: float, rng: np.random.Generator) -> torch.Tensor:
+    """timm's RandomErasing (mode 'pixel', one box) for a whole batch: per-sample boxes drawn on the host,
+    filled with standard-normal noise (the normalized space) from a generator seeded by the same draw."""
+    n, _, H, W = images.shape
+    erase = rng.random(n) < prob
+    area = H * W * rng.uniform(0.02, 1 / 3, (n, 10))
+    aspect = np.exp(rng.uniform(np.log(0.3), np.log(1 / 0.3), (n, 10)))
+    h = np.round(np.sqrt(area * aspect)).astype(np.int64)
+    w = np.round(np.sqrt(area / aspect)).astype(np.int64)
+    ok = (h < H) & (w < W)
+    first = np.argmax(ok, axis=1)
+    rows = np.arange(n)
+    h, w = h[rows, first], w[rows, first]
+    erase &= ok.any(axis=1)
+    if not erase.any():
+        return images
+    top = np.floor(rng.random(n) * (H - h + 1)).astype(np.int64)
+    left = np.floor(rng.random(n) * (W - w + 1)).astype(np.int64)
+    dev = images.device
+    ys = torch.arange(H, device=dev).view(1, H, 1)
+    xs = torch.arange(W, device=dev).view(1, 1, W)
+
+    def col(a):
+        return torch.from_numpy(a[erase]).to(dev).view(-1, 1, 1)
+
+    mask = (ys >= col(top)) & (ys < col(top + h)) & (xs >= col(left)) & (xs < col(left + w))  # [k, H, W]
+    gen = torch.Generator(device=dev).manual_seed(int(rng.integers(2 ** 62)))
+    noise = torch.randn((len(mask), 3, H, W), generator=gen, device=dev, dtype=images.dtype)
+    idx = torch.from_numpy(np.flatnonzero(erase)).to(dev)
+    sel = images.index_select(0, idx)
+    images = images.clone()
+    images[idx] = torch.where(mask.unsqueeze(1), noise, sel)
+    return images.contiguous(memory_format=torch.channels_last)
+
+
+def _make_cache(cfg: LoaderConfig, paths: list[str]) -> dict[int, np.ndarray] | None:
+    """cache='host' keeps each encoded file in memory after its first read; 'auto' does so when the files fit
+    in 1 GiB. Decoding still runs every epoch (augmentation needs the pixels fresh)."""
+    import os
+
+    if cfg.cache == "off":
+        return None
+    if cfg.cache == "device":
+        raise ValueError("--cache device is not supported by the dali loader (use host or auto)")
+    if cfg.cache == "auto" and sum(os.path.getsize(p) for p in paths) > 1 << 30:
+        return None
+    return {}
+
+
+def build(index: ImageIndex, cfg: LoaderConfig) -> DaliLoader:
+    """Registry entry for backend="dali"."""
+    if index is None:
+        raise ValueError("backend 'dali' needs an image folder")
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError as e:
+        raise ValueError("--loader dali needs NVIDIA DALI (pip install nvidia-dali-cuda130); "
+                         "or use --loader torchvision") from e
+    return DaliLoader(index, cfg)
