@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,30 @@ def set_rng_state(state: dict[str, Any]) -> None:
     cuda = state.get("cuda") or []
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+
+
+def gather_rng_states(world_size: int) -> list:
+    """Every rank's :func:`rng_state`, indexed by rank (a collective under DDP: every rank must call it)."""
+    state = rng_state()
+    if world_size <= 1:
+        return [state]
+    out: list = [None] * world_size
+    torch.distributed.all_gather_object(out, state)
+    return out
+
+
+def atomic_link(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """``dst`` := ``src`` atomically, as a hard link (no second write of the same bytes; a later atomic
+    replacement of ``src`` leaves ``dst`` alone), or as a copy where links are not supported."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    return dst
 
 
 def _to_tuple(x: Any) -> Any:

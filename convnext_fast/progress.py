@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import math
 import sys
-import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only
+    from convnext_fast.config import TrainConfig
+    from convnext_fast.distributed import DistInfo
+    from convnext_fast.engine import Engine
 
 
 def _eta(seconds: float) -> str:
@@ -94,14 +99,15 @@ class TrainProgress:
         self._stop()
 
 
-class Stopwatch:
-    """Wall-clock seconds since ``start()`` (host time; callers sync the device before reading it if needed)."""
-
-    def __init__(self) -> None:
-        self.t0 = time.perf_counter()
-
-    def start(self) -> None:
-        self.t0 = time.perf_counter()
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
+def describe_run(cfg: TrainConfig, engine: Engine, dist: DistInfo, n_train: int, n_val: int, classes: list,
+              steps: int, lr: float) -> str:
+    """The run header: model, data, device, batch and lr (with its scaling), speed switches."""
+    s, gb = engine.speed, cfg.data.batch_size * dist.world_size
+    lr_note = "" if cfg.optim.lr is not None else f" (= {cfg.optim.ref_lr:g} x {gb} / {cfg.optim.ref_batch})"
+    params = sum(p.numel() for p in engine.model.parameters()) / 1e6
+    return (f"model {cfg.model.name} ({params:.1f}M params) | {len(classes)} classes | train {n_train} / val {n_val}"
+            f" images | {cfg.data.img_size}px | loader {cfg.data.loader}\n"
+            f"device {engine.device} x {dist.world_size} | batch {cfg.data.batch_size}/process, global {gb} | "
+            f"{steps} steps/epoch | lr {lr:.3g}{lr_note}\n"
+            f"compile {s.compile} | amp {s.amp} | channels_last {s.channels_last} | fused_adamw {s.fused_adamw} | "
+            f"device_mixup {s.device_mixup} | ema {cfg.recipe.model_ema} | tta {cfg.recipe.tta}")

@@ -18,7 +18,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import random
 import signal
 import time
@@ -37,7 +36,7 @@ from convnext_fast.engine import Engine, build_engine
 from convnext_fast.evaluate import evaluate
 from convnext_fast.model import check_model_name
 from convnext_fast.optim import WarmupCosine
-from convnext_fast.progress import TrainProgress
+from convnext_fast.progress import TrainProgress, describe_run
 from convnext_fast.report import RunReporter, atomic_write_text, epoch_table, to_jsonable
 
 
@@ -136,19 +135,9 @@ def _seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed + rank)
 
 
-def _gather_rng(dist: DistInfo) -> list:
-    """Every rank's RNG state (collective under DDP), indexed by rank."""
-    state = ckpt_io.rng_state()
-    if not dist.distributed:
-        return [state]
-    out: list = [None] * dist.world_size
-    torch.distributed.all_gather_object(out, state)
-    return out
-
-
 def _save(run_dir: Path, name: str, engine: Engine, state: LoopState, meta: dict, dist: DistInfo) -> Path:
     """Write checkpoints/<name> (rank 0; the RNG gather is collective, so every rank calls this)."""
-    rng = _gather_rng(dist)
+    rng = ckpt_io.gather_rng_states(dist.world_size)
     path = run_dir / "checkpoints" / name
     if dist.is_main:
         ckpt_io.atomic_save({"format": ckpt_io.FORMAT, "meta": meta, "engine": engine.state_dict(),
@@ -156,36 +145,27 @@ def _save(run_dir: Path, name: str, engine: Engine, state: LoopState, meta: dict
     return path
 
 
-def _link_best(run_dir: Path) -> None:
-    """checkpoints/best.pt := last.pt, atomically (a hard link: no second write of the same bytes)."""
-    last, best = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
-    tmp = best.with_name(f".best.pt.tmp{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(last, tmp)
-    except OSError:  # filesystems without hard links
-        import shutil
-
-        shutil.copyfile(last, tmp)
-    os.replace(tmp, best)
-
-
 def _write_rows(run_dir: Path, rows: list) -> None:
     atomic_write_text(run_dir / "metrics.jsonl",
                       "".join(json.dumps(to_jsonable(r), allow_nan=False) + "\n" for r in rows))
 
 
-def _describe(cfg: TrainConfig, engine: Engine, dist: DistInfo, n_train: int, n_val: int, classes: list,
-              steps: int, lr: float) -> str:
-    s, gb = engine.speed, cfg.data.batch_size * dist.world_size
-    lr_note = "" if cfg.optim.lr is not None else f" (= {cfg.optim.ref_lr:g} x {gb} / {cfg.optim.ref_batch})"
-    params = sum(p.numel() for p in engine.model.parameters()) / 1e6
-    return (f"model {cfg.model.name} ({params:.1f}M params) | {len(classes)} classes | train {n_train} / val {n_val}"
-            f" images | {cfg.data.img_size}px | loader {cfg.data.loader}\n"
-            f"device {engine.device} x {dist.world_size} | batch {cfg.data.batch_size}/process, global {gb} | "
-            f"{steps} steps/epoch | lr {lr:.3g}{lr_note}\n"
-            f"compile {s.compile} | amp {s.amp} | channels_last {s.channels_last} | fused_adamw {s.fused_adamw} | "
-            f"device_mixup {s.device_mixup} | ema {cfg.recipe.model_ema} | tta {cfg.recipe.tta}")
+@dataclass
+class _Run:
+    """Everything the loop works with, built by :func:`_setup`."""
+
+    cfg: TrainConfig
+    dist: DistInfo
+    run_dir: Path
+    train_loader: Any
+    val_loader: Any
+    engine: Engine
+    sched: WarmupCosine
+    lr: float
+    meta: dict
+    state: LoopState
+    reporter: RunReporter
+    progress: TrainProgress
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, tty: bool | None = None) -> dict:
@@ -194,18 +174,25 @@ def train(cfg: TrainConfig, *, resume: bool = False, tty: bool | None = None) ->
     Returns the summary dict (also written to summary.json). Raises ValueError for bad input, TrainingError for a
     non-finite loss, Interrupted after saving a checkpoint on SIGINT/SIGTERM.
     """
+    t_start = time.perf_counter()
     dist = init_distributed(cfg.run.device)
     stop = _StopRequest()
     stop.install()
+    run = None
     try:
-        return _train(cfg, dist, resume, tty, stop)
+        run = _setup(cfg, dist, resume, tty)
+        return _train(run, stop, t_start)
     finally:
         stop.restore()
+        if run is not None:
+            run.progress.close()
+            run.train_loader.close()
+            run.val_loader.close()
         destroy_distributed()
 
 
-def _train(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None, stop: _StopRequest) -> dict:
-    t_start = time.perf_counter()
+def _setup(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None) -> _Run:
+    """Seeds, data, loaders, engine, LR schedule, run directory; the state of ``last.pt`` when resuming."""
     _seed_everything(cfg.run.seed, dist.rank)
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -245,12 +232,11 @@ def _train(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None, sto
             raise ValueError(f"--resume {run_dir}: the checkpoint's classes differ from DATA's classes")
         engine.load_state_dict(ckpt["engine"])
         state = LoopState(**ckpt["loop"])
-        rngs = ckpt["rng"]
-        if len(rngs) == dist.world_size:
-            ckpt_io.set_rng_state(rngs[dist.rank])
-        del ckpt
-    reporter = RunReporter(run_dir, classes, is_main=dist.is_main)
-    progress = TrainProgress(enabled=dist.is_main, epochs=cfg.run.epochs, tty=tty)
+        if len(ckpt["rng"]) == dist.world_size:  # another world size: fresh per-rank streams (not bitwise)
+            ckpt_io.set_rng_state(ckpt["rng"][dist.rank])
+    run = _Run(cfg=cfg, dist=dist, run_dir=run_dir, train_loader=train_loader, val_loader=val_loader, engine=engine,
+               sched=sched, lr=lr, meta=meta, state=state, reporter=RunReporter(run_dir, classes, is_main=dist.is_main),
+               progress=TrainProgress(enabled=dist.is_main, epochs=cfg.run.epochs, tty=tty))
     if dist.is_main:
         resolved = {"lr": lr, "global_batch": d.batch_size * dist.world_size, "world_size": dist.world_size,
                     "steps_per_epoch": steps, "device": str(dev), "speed": dataclasses.asdict(engine.speed),
@@ -259,10 +245,17 @@ def _train(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None, sto
         atomic_write_text(run_dir / "config.json", json.dumps({**cfg.to_dict(), "resolved": resolved}, indent=2))
         atomic_write_text(run_dir / "classes.json", json.dumps(classes, indent=2))
         _write_rows(run_dir, state.rows)  # a resumed run drops rows logged after its checkpoint
-        progress.log(_describe(cfg, engine, dist, len(train_index), len(val_index), classes, steps, lr))
+        run.progress.log(describe_run(cfg, engine, dist, len(train_index), len(val_index), classes, steps, lr))
         if resume:
-            progress.log(f"resuming {run_dir} at epoch {state.epoch + 1}, batch {state.batch_in_epoch}")
+            run.progress.log(f"resuming {run_dir} at epoch {state.epoch + 1}, batch {state.batch_in_epoch}")
+    return run
 
+
+def _train(run: _Run, stop: _StopRequest, t_start: float) -> dict:
+    cfg, dist, run_dir, engine, sched, state, meta = run.cfg, run.dist, run.run_dir, run.engine, run.sched, \
+        run.state, run.meta
+    train_loader, val_loader, reporter, progress = run.train_loader, run.val_loader, run.reporter, run.progress
+    classes, dev, steps = meta["classes"], dist.device, len(run.train_loader)
     # ---------------------------------------------------------------------------------------------------------
     # The loop.
     # ---------------------------------------------------------------------------------------------------------
@@ -353,7 +346,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None, sto
         reporter.log_epoch(row)
         _save(run_dir, "last.pt", engine, state, meta, dist)
         if improved and dist.is_main:
-            _link_best(run_dir)
+            ckpt_io.atomic_link(run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt")
             weights = engine.ema.module if engine.ema is not None else engine.model
             ckpt_io.export_safetensors(weights.state_dict(), run_dir / "model.safetensors",
                                        {k: meta[k] for k in ckpt_io.META_KEYS})
@@ -365,7 +358,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None, sto
         if all_reduce_sum(torch.tensor([float(stop.signum)], device=dev)).item() and epoch + 1 < cfg.run.epochs:
             raise _interrupted(run_dir, engine, state, meta, dist, stop, progress, saved=True)
     progress.close()
-    return _finish(cfg, run_dir, state, reporter, progress, dist, engine, lr)
+    return _finish(cfg, run_dir, state, reporter, progress, dist, engine, run.lr)
 
 
 def _interrupted(run_dir: Path, engine: Engine, state: LoopState, meta: dict, dist: DistInfo, stop: _StopRequest,

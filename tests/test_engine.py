@@ -5,7 +5,7 @@ import io
 import pytest
 import torch
 
-from convnext_fast.config import RecipeConfig, SpeedConfig
+from convnext_fast.config import RecipeConfig
 from convnext_fast.engine import BASELINE_SPEED, FAST_SPEED, build_engine
 
 RECIPE = RecipeConfig(mixup=0.8, cutmix=1.0, smoothing=0.1, focal_gamma=2.0, model_ema=True, model_ema_decay=0.9)
