@@ -272,15 +272,14 @@ def _train(run: _Run, stop: _StopRequest, t_start: float) -> dict:
         images_seen, window_n = part.get("images", 0), 0
         data_wait, train_before = part.get("data_wait_s", 0.0), part.get("train_s", 0.0)
         progress.start_epoch(epoch, steps, done=skip)
-        t_epoch = t_train = time.perf_counter()
-        batches = iter(train_loader)
-        for i in range(steps):
-            t_wait = time.perf_counter()
-            images, labels = next(batches)
+        t_epoch = t_train = t_wait = time.perf_counter()
+        i = -1
+        # A plain `for` over the loader: the epoch ends when the loader says so (it finishes its own iteration).
+        for i, (images, labels) in enumerate(train_loader):
             if i < skip:  # resuming mid-epoch: replay the epoch's loader up to where the checkpoint was taken
-                t_train = time.perf_counter()
+                t_train = t_wait = time.perf_counter()
                 continue
-            data_wait += time.perf_counter() - t_wait
+            data_wait += time.perf_counter() - t_wait  # host time blocked on the loader
             lr_now = sched.step(engine.step)
             loss = engine.train_step(images, labels)
             loss_sum += loss
@@ -290,29 +289,30 @@ def _train(run: _Run, stop: _StopRequest, t_start: float) -> dict:
             window_n += 1
             progress.advance()
             local_stop = stop.signum != 0 and world == 1  # single process: stop right after this step
-            if (i + 1) % log_every and i + 1 < steps and not local_stop:
-                continue
-            # SYNC (every log_every steps): losses, the non-finite flag and stop requests, summed over ranks.
-            flags = torch.stack([loss_sum, window_sum, (bad_step >= 0).double(),
-                                 torch.full((), float(stop.signum), dtype=torch.float64, device=dev)])
-            total, window, n_bad, signum = all_reduce_sum(flags).tolist()
-            if n_bad > 0:
-                where = int(bad_step.item())  # SYNC (only on the way out)
-                step_txt = f"at step {where}" if where >= 0 else f"on another rank by step {engine.step}"
-                raise TrainingError(f"non-finite loss {step_txt} (epoch {epoch + 1}); stopped. The last good "
-                                    f"checkpoint is {run_dir / 'checkpoints' / 'last.pt'}")
-            train_s = train_before + time.perf_counter() - t_train
-            progress.update(step_in_epoch=i + 1, loss=window / (window_n * world), lr=lr_now,
-                            img_per_sec=images_seen * world / max(train_s, 1e-9), elapsed_s=train_s,
-                            steps_timed=i + 1)
-            window_sum.zero_()
-            window_n = 0
-            if signum and i + 1 < steps:
-                state.batch_in_epoch = i + 1
-                state.partial = {"loss_sum": total / world, "images": images_seen, "data_wait_s": data_wait,
-                                 "train_s": train_s}
-                state.wall_time_s += time.perf_counter() - t_start
-                raise _interrupted(run_dir, engine, state, meta, dist, stop, progress)
+            if (i + 1) % log_every == 0 or i + 1 == steps or local_stop:
+                # SYNC (every log_every steps): losses, the non-finite flag and stop requests, summed over ranks.
+                flags = torch.stack([loss_sum, window_sum, (bad_step >= 0).double(),
+                                     torch.full((), float(stop.signum), dtype=torch.float64, device=dev)])
+                total, window, n_bad, signum = all_reduce_sum(flags).tolist()
+                if n_bad > 0:
+                    where = int(bad_step.item())  # SYNC (only on the way out)
+                    step_txt = f"at step {where}" if where >= 0 else f"on another rank by step {engine.step}"
+                    raise TrainingError(f"non-finite loss {step_txt} (epoch {epoch + 1}); stopped. The last good "
+                                        f"checkpoint is {run_dir / 'checkpoints' / 'last.pt'}")
+                train_s = train_before + time.perf_counter() - t_train
+                progress.update(step_in_epoch=i + 1, loss=window / (window_n * world), lr=lr_now,
+                                img_per_sec=images_seen * world / max(train_s, 1e-9), elapsed_s=train_s,
+                                steps_timed=i + 1 - skip)
+                window_sum.zero_()
+                window_n = 0
+                if signum and i + 1 < steps:
+                    state.batch_in_epoch = i + 1
+                    state.partial = {"loss_sum": total / world, "images": images_seen, "data_wait_s": data_wait,
+                                     "train_s": train_s}
+                    state.wall_time_s += time.perf_counter() - t_start
+                    raise _interrupted(run_dir, engine, state, meta, dist, stop, progress)
+            t_wait = time.perf_counter()
+        assert i + 1 == steps, f"the train loader yielded {i + 1} batches, its len() is {steps}"
         train_s = train_before + time.perf_counter() - t_train
         train_loss = total / (world * steps)
 

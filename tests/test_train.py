@@ -176,13 +176,15 @@ def test_non_finite_loss_stops_naming_the_step(data, tmp_path, monkeypatch, caps
     assert len(rows(out)) == 1
 
 
-def test_early_stopping_and_val_split(data, tmp_path):
-    """Class folders + --val-split; a negligible lr cannot improve top-1, so patience 1 stops after epoch 2."""
+def test_early_stopping_and_val_split_with_dali(data, tmp_path):
+    """Class folders + --val-split, on the DALI (CPU) loader; a negligible lr cannot improve top-1, so patience 1
+    stops after epoch 2."""
     flat = data / "train"
     out = tmp_path / "run"
     assert main(["train", str(flat), "--val-split", "0.25", "--out", str(out), *FLAGS, "--epochs", "4",
                  "--patience", "1", "--lr", "1e-9", "--min-lr", "0", "--no-model-ema", "--no-tta", "--mixup", "0",
-                 "--cutmix", "0"]) == 0
+                 "--cutmix", "0", "--loader", "dali", "--workers", "1"]) == 0
+    assert [r["epoch"] for r in rows(out)] == [1, 2]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped_early"] and summary["epochs_run"] == 2 and summary["best_epoch"] == 1
     saved = json.loads((out / "config.json").read_text())["resolved"]
