@@ -1,0 +1,156 @@
+"""Loader-only benchmark: the DALI loader against the torchvision baseline, side by side, on the same images.
+
+Both loaders get the same CPU budget (DALI threads = DataLoader worker processes), the same train transforms
+(random-resized-crop, flip, RandAugment, normalize) and the same batches of files (`epoch_indices`). Each
+(size, RandAugment) setting builds both loaders once, runs one warm-up epoch of each (pipeline build, worker
+start, page cache; excluded), then alternates timed epochs: dali, torchvision, torchvision, dali, ... so a noisy,
+shared machine slows both alike. Reported: images/s per epoch, the median over repeats, and the dali/torchvision
+ratio of medians (plus the median of the per-repeat ratios).
+
+    .venv/bin/python benchmarks/loader_bench.py                      # demo data, 128/176/192, RandAugment on+off
+    .venv/bin/python benchmarks/loader_bench.py --data DIR --sizes 176 --repeats 5
+
+Results go to benchmarks/results/loader-<device>-<cores>core-<UTC date>.{json,md} with the environment (CPU, core
+count, load, versions, git commit, command). Results are added, never edited: an existing name gets a suffix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from convnext_fast.benchmark_env import collect_environment  # noqa: E402
+from convnext_fast.data import build_loader, default_num_workers, scan_folder  # noqa: E402
+
+BACKENDS = ("dali", "torchvision")
+
+
+def time_epoch(loader, epoch: int) -> tuple[float, int]:
+    """Images/s over one whole epoch (the loader's own prefetch included, nothing else done per batch)."""
+    loader.set_epoch(epoch)
+    n = 0
+    start = time.perf_counter()
+    for images, _ in loader:
+        n += images.shape[0]
+    return n / (time.perf_counter() - start), n
+
+
+def bench_setting(index, size: int, randaugment, args) -> dict:
+    loaders = {
+        b: build_loader(index, train=True, img_size=size, batch_size=args.batch_size, backend=b, device=args.device,
+                        num_workers=args.workers, randaugment=randaugment, seed=0)
+        for b in BACKENDS
+    }
+    try:
+        for b in BACKENDS:  # warm-up, excluded
+            time_epoch(loaders[b], 0)
+        runs = {b: [] for b in BACKENDS}
+        for r in range(args.repeats):
+            order = BACKENDS if r % 2 == 0 else BACKENDS[::-1]
+            for b in order:
+                rate, n = time_epoch(loaders[b], r + 1)
+                runs[b].append(rate)
+                print(f"  size {size} ra={randaugment} repeat {r}: {b:12s} {rate:8.1f} img/s ({n} images)",
+                      flush=True)
+    finally:
+        for ld in loaders.values():
+            ld.close()
+    med = {b: statistics.median(v) for b, v in runs.items()}
+    paired = [d / t for d, t in zip(runs["dali"], runs["torchvision"])]
+    return {
+        "img_size": size, "randaugment": list(randaugment) if randaugment else None,
+        "img_per_s": {b: [round(v, 1) for v in runs[b]] for b in BACKENDS},
+        "median_img_per_s": {b: round(med[b], 1) for b in BACKENDS},
+        "spread_img_per_s": {b: [round(min(runs[b]), 1), round(max(runs[b]), 1)] for b in BACKENDS},
+        "ratio_dali_over_torchvision": round(med["dali"] / med["torchvision"], 3),
+        "median_paired_ratio": round(statistics.median(paired), 3),
+    }
+
+
+def to_markdown(record: dict) -> str:
+    env, cfg = record["environment"], record["config"]
+    lines = [
+        f"# Loader benchmark: DALI vs torchvision ({env['device']}, {env['date_utc']})",
+        "",
+        f"- machine: {env['cpu']['model']}, {env['cpu']['cores_usable']} usable cores, "
+        f"load avg at start {env['cpu']['load_avg_1m']}; GPU: {env['gpu'] or 'none'}",
+        f"- versions: torch {env['versions']['torch']}, torchvision {env['versions']['torchvision']}, "
+        f"DALI {env['versions']['nvidia_dali']}; git {env['git']}",
+        f"- data: {cfg['data']} ({cfg['num_images']} images); batch {cfg['batch_size']}; "
+        f"{cfg['workers']} DALI threads = {cfg['workers']} DataLoader workers; {cfg['repeats']} timed epochs per "
+        "loader after one warm-up epoch, alternating loaders",
+        f"- command: `{env['argv']}`",
+        "",
+        "| size | RandAugment | DALI img/s (min-max) | torchvision img/s (min-max) | DALI / torchvision |",
+        "|---:|---|---:|---:|---:|",
+    ]
+    for r in record["results"]:
+        ra = "off" if r["randaugment"] is None else f"n={r['randaugment'][0]}, m={r['randaugment'][1]}"
+        d, t = r["median_img_per_s"], r["spread_img_per_s"]
+        lines.append(
+            f"| {r['img_size']} | {ra} | {d['dali']:.0f} ({t['dali'][0]:.0f}-{t['dali'][1]:.0f}) | "
+            f"{d['torchvision']:.0f} ({t['torchvision'][0]:.0f}-{t['torchvision'][1]:.0f}) | "
+            f"{r['ratio_dali_over_torchvision']:.2f}x |")
+    lines += ["", "Medians over the timed epochs; the ratio is of the medians (median of paired ratios in the JSON)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", help="class-folder image directory (default: the demo dataset's train split)")
+    ap.add_argument("--sizes", default="128,176,192")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=None, help="DALI threads = DataLoader workers (default: cores)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--randaugment", choices=("on", "off", "both"), default="both")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
+    args = ap.parse_args(argv)
+    args.workers = default_num_workers() if args.workers is None else args.workers
+    if args.data is None:
+        from convnext_fast.data.demo import ensure_demo_dataset
+
+        args.data = str(ensure_demo_dataset() / "train")
+    index = scan_folder(args.data)
+    settings = {"on": [(2, 9)], "off": [None], "both": [(2, 9), None]}[args.randaugment]
+    device = torch.device(args.device)
+    env = collect_environment(device)
+    results = []
+    for ra in settings:
+        for size in (int(s) for s in args.sizes.split(",")):
+            results.append(bench_setting(index, size, ra, args))
+            r = results[-1]
+            print(f"size {size} ra={ra}: dali {r['median_img_per_s']['dali']:.0f} img/s, torchvision "
+                  f"{r['median_img_per_s']['torchvision']:.0f} img/s -> {r['ratio_dali_over_torchvision']:.2f}x",
+                  flush=True)
+    record = {
+        "environment": env,
+        "config": {"data": args.data, "num_images": len(index), "batch_size": args.batch_size,
+                   "workers": args.workers, "repeats": args.repeats, "device": args.device,
+                   "transforms": "RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3) + flip 0.5 + RandAugment + "
+                                 "normalize; float32 channels_last"},
+        "results": results,
+    }
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = f"loader-{device.type}-{env['cpu']['cores_usable']}core-{dt.datetime.now(dt.timezone.utc):%Y-%m-%d}"
+    if (out_dir / f"{name}.json").exists():
+        name += f"-{dt.datetime.now(dt.timezone.utc):%H%M%S}"
+    (out_dir / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out_dir / f"{name}.md").write_text(to_markdown(record))
+    print(f"wrote {out_dir / name}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
