@@ -135,10 +135,11 @@ def _git() -> dict:
     root = Path(__file__).resolve().parent.parent
     commit = _run(["git", "rev-parse", "HEAD"], cwd=root)
     if commit is None:
-        return {"commit": None, "dirty": None}
-    # Tracked files only: untracked scratch files do not change what ran.
-    dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root)
-    return {"commit": commit, "dirty": bool(dirty)}
+        return {"commit": None, "dirty": None, "changed": []}
+    # What ran is the package: its modified and untracked files make the commit an incomplete record.
+    status = _run(["git", "status", "--porcelain", "--", "convnext_fast"], cwd=root) or ""
+    changed = [line.split(maxsplit=1)[1] for line in status.splitlines() if line.strip()]
+    return {"commit": commit, "dirty": bool(changed), "changed": changed[:50]}
 
 
 def _gpu(device: torch.device) -> dict | None:

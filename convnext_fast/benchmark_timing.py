@@ -1,13 +1,15 @@
-"""The timing harness of `convnext-fast benchmark`: honest, repeated, synchronized measurements.
+"""The timing harness of `convnext-fast benchmark`: honest, repeated, synchronized, interleaved measurements.
 
-Three measurements share one shape (airbench's and timm's habits):
-  * warm-up first (its wall time is kept: with `torch.compile` the extra time over steady-state steps is the
+Every measurement has one shape (airbench's and timm's habits):
+  * warm-up first; its wall time is kept (with `torch.compile` the extra time over steady-state steps is the
     compile cost, reported on its own, never folded into a throughput);
   * then `repeats` timed windows of `steps` iterations each, the device synchronized before and after a window
     (CUDA kernels are asynchronous; on the CPU the sync is a no-op);
-  * the median over windows is the figure, min and max show the spread (the machines are shared and noisy).
+  * the median over windows is the figure; min and max show the spread.
+Measurements that are compared (baseline vs fast) run their windows interleaved, A B B A A B ..., so that a
+shared, noisy machine slows both alike instead of whichever happened to run during a burst (`interleave`).
 
-`time_loop` also splits each window into time blocked in `next(loader)` (data-wait) and the rest.
+`Meter.loop` also splits each window into time blocked in `next(loader)` (data-wait) and the rest.
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ from __future__ import annotations
 import resource
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["PeakMemory", "Timing", "endless", "sync", "time_loader", "time_loop", "time_step"]
+__all__ = ["Meter", "PeakMemory", "Timing", "endless", "interleave", "sync"]
 
 
 def sync(device: torch.device) -> None:
@@ -30,12 +32,12 @@ def sync(device: torch.device) -> None:
 
 
 class PeakMemory:
-    """Peak memory of one measurement, in MiB.
+    """Memory use in MiB: `current()` and `peak()` since the last `reset()`.
 
-    CUDA: `torch.cuda.max_memory_allocated` (tensors only, not the allocator's cache), reset per measurement.
-    CPU: the process's peak resident set (`VmHWM`), reset per measurement through `/proc/self/clear_refs`
-    (Linux >= 4.0). Where that reset is refused, the figure is the peak since the process started
-    (`getrusage`), and `kind` says so. Loader worker processes are not included.
+    CUDA: torch's allocator (`memory_allocated` / `max_memory_allocated`: tensors, not the cache; memory that a
+    library allocates itself, like DALI's, is not seen). CPU: the process's resident set (`VmRSS`) and its peak
+    (`VmHWM`), reset through `/proc/self/clear_refs` (Linux >= 4.0); where that reset is refused, the peak is
+    the peak since the process started and `kind` says so. Loader worker processes are not included.
     """
 
     def __init__(self, device: torch.device):
@@ -53,10 +55,15 @@ class PeakMemory:
         elif self.kind == "process_peak_rss":
             _reset_rss_peak()
 
-    def peak_mib(self) -> float:
+    def current(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device) / 2**20
+        return (_read_status_kib("VmRSS:") or 0) / 1024
+
+    def peak(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
-        hwm = _read_vm_hwm_kib() if self.kind == "process_peak_rss" else None
+        hwm = _read_status_kib("VmHWM:") if self.kind == "process_peak_rss" else None
         if hwm is None:
             hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
         return hwm / 1024
@@ -66,16 +73,16 @@ def _reset_rss_peak() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # 5 = reset the peak RSS (hiwater) to the current RSS
-        return _read_vm_hwm_kib() is not None
+        return _read_status_kib("VmHWM:") is not None
     except OSError:
         return False
 
 
-def _read_vm_hwm_kib() -> int | None:
+def _read_status_kib(key: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key):
                     return int(line.split()[1])
     except OSError:
         pass
@@ -160,86 +167,111 @@ def endless(loader) -> Iterator:
         epoch += 1
 
 
-def _warm(fn: Callable[[], object], device: torch.device, warmup: int) -> tuple[float, float]:
-    """Run `fn` `warmup` (>= 1) times; return (first call's time, total time), both synchronized."""
-    assert warmup >= 1
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    first = time.perf_counter() - t0
-    for _ in range(warmup - 1):
-        fn()
-    sync(device)
-    return first, time.perf_counter() - t0
+class Meter:
+    """Times one measurement window by window, so that several can be interleaved (see `interleave`).
 
-
-def time_step(step: Callable[[], torch.Tensor], *, batch_size: int, device: torch.device, steps: int,
-              warmup: int, repeats: int) -> tuple[Timing, torch.Tensor]:
-    """Time a training step on device-resident inputs. Returns the timing and the last loss (not synced)."""
-    first, warm = _warm(step, device, warmup)
-    mem = PeakMemory(device)
-    mem.reset()
-    windows = []
-    loss = None
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            loss = step()
-        sync(device)
-        windows.append(time.perf_counter() - t0)
-    return Timing(batch_size, steps, warmup, windows, warm, first, mem.peak_mib()), loss
-
-
-def time_loader(batches: Iterator, *, batch_size: int, device: torch.device, steps: int, warmup: int,
-                repeats: int) -> Timing:
-    """Loader-only throughput: pull batches as fast as the loader yields them (device work synced per window)."""
-    first, warm = _warm(lambda: next(batches), device, warmup)
-    mem = PeakMemory(device)
-    mem.reset()
-    windows = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            batch = next(batches)
-            assert batch.images.shape[0] == batch_size, "train loaders yield full batches"
-        sync(device)
-        windows.append(time.perf_counter() - t0)
-    return Timing(batch_size, steps, warmup, windows, warm, first, mem.peak_mib())
-
-
-def time_loop(batches: Iterator, step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, batch_size: int,
-              device: torch.device, steps: int, warmup: int, repeats: int) -> tuple[Timing, torch.Tensor]:
-    """End-to-end: loader + step, with the time blocked in `next(batches)` counted as data-wait.
-
-    The device is synchronized before each `next()`: the time spent there is then time the device sat idle for
-    want of a batch, not the host waiting behind queued kernels (which a later sync would otherwise charge to
-    the loader). The loaders prefetch in their own threads/processes, so this sync does not stop loading from
-    overlapping the step; it only gives up the host's launch-ahead of the next step (microseconds per step).
+    `one()` runs one iteration and returns the seconds of it spent waiting for data (0 when not a loop).
+    Memory: with `state_bytes` (called after the warm-up: what the measured thing keeps between windows, e.g. an
+    engine's weights, optimizer state and EMA), the peak is that + the window's peak above its start, i.e. this
+    step's footprint as if it ran alone, whatever else is alive; without it, the absolute peak in the windows.
+    On the CPU the part above the start is a lower bound: the allocator reuses memory it already holds.
     """
-    def one() -> torch.Tensor:
-        images, labels = next(batches)
-        return step(images, labels)
 
-    first, warm = _warm(one, device, warmup)
-    mem = PeakMemory(device)
-    mem.reset()
-    windows, waits = [], []
-    loss = None
-    for _ in range(repeats):
-        wait = 0.0
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            sync(device)
-            t_wait = time.perf_counter()
+    def __init__(self, one: Callable[[], float], *, batch_size: int, device: torch.device, steps: int,
+                 warmup: int, state_bytes: Callable[[], int] | None = None, track_memory: bool = True,
+                 loop: bool = False):
+        assert warmup >= 1 and steps >= 1
+        self.one, self.batch_size, self.device, self.steps, self.warmup = one, batch_size, device, steps, warmup
+        self.state_bytes, self.loop = state_bytes, loop
+        self.mem = PeakMemory(device) if track_memory else None
+        self.windows: list[float] = []
+        self.waits: list[float] = []
+        self.peak: float | None = None
+        self.first_s = self.warmup_s = 0.0
+
+    @classmethod
+    def step(cls, step: Callable[[], object], **kw) -> "Meter":
+        """A step on fixed, device-resident inputs."""
+        def one() -> float:
+            step()
+            return 0.0
+        return cls(one, **kw)
+
+    @classmethod
+    def loader(cls, batches: Iterator, **kw) -> "Meter":
+        """Pull batches as fast as the loader yields them (device work synced at the window's end)."""
+        def one() -> float:
+            next(batches)
+            return 0.0
+        return cls(one, **kw)
+
+    @classmethod
+    def loop_of(cls, batches: Iterator, step: Callable[[torch.Tensor, torch.Tensor], object], **kw) -> "Meter":
+        """End-to-end: `next(batches)` then `step(images, labels)`; the time blocked in `next` is data-wait.
+
+        The step's stream is synchronized before each `next()`: the time spent there is then time the device
+        sat idle for want of a batch, not the host waiting behind queued kernels (which a later sync would
+        otherwise charge to the loader). Only the current stream: a DALI pipeline's own GPU work for the next
+        batches keeps running beside it. The loaders prefetch in their own threads/processes, so the sync does
+        not stop loading from overlapping the step; it only gives up the host's launch-ahead (microseconds).
+        """
+        device = kw["device"]
+
+        def one() -> float:
+            if device.type == "cuda":
+                torch.cuda.current_stream(device).synchronize()
+            t0 = time.perf_counter()
             images, labels = next(batches)
-            wait += time.perf_counter() - t_wait
-            loss = step(images, labels)
-        sync(device)
-        windows.append(time.perf_counter() - t0)
-        waits.append(wait)
-    return Timing(batch_size, steps, warmup, windows, warm, first, mem.peak_mib(), waits), loss
+            wait = time.perf_counter() - t0
+            step(images, labels)
+            return wait
+        return cls(one, loop=True, **kw)
 
+    def warm(self) -> None:
+        sync(self.device)
+        t0 = time.perf_counter()
+        self.one()
+        sync(self.device)
+        self.first_s = time.perf_counter() - t0
+        for _ in range(self.warmup - 1):
+            self.one()
+        sync(self.device)
+        self.warmup_s = time.perf_counter() - t0
+
+    def window(self) -> None:
+        if self.mem is not None:
+            sync(self.device)
+            self.mem.reset()
+            start = self.mem.current()
+        sync(self.device)
+        wait = 0.0
+        t0 = time.perf_counter()
+        for _ in range(self.steps):
+            wait += self.one()
+        sync(self.device)
+        self.windows.append(time.perf_counter() - t0)
+        if self.loop:
+            self.waits.append(wait)
+        if self.mem is not None:
+            peak = self.mem.peak()
+            if self.state_bytes is not None:
+                peak = self.state_bytes() / 2**20 + max(0.0, peak - start)
+            self.peak = peak if self.peak is None else max(self.peak, peak)
+
+    def timing(self) -> Timing:
+        return Timing(self.batch_size, self.steps, self.warmup, list(self.windows), self.warmup_s, self.first_s,
+                      self.peak, list(self.waits))
+
+
+def interleave(meters: Sequence[Meter], repeats: int) -> list[Timing]:
+    """Warm each meter, then run `repeats` rounds of one window each, reversing the order every other round.
+
+    The reversal (A B, B A, A B, ...) also evens out what one measurement leaves behind for the next (a loader's
+    background prefetch refilling, caches).
+    """
+    for m in meters:
+        m.warm()
+    for r in range(repeats):
+        for m in (meters if r % 2 == 0 else list(reversed(meters))):
+            m.window()
+    return [m.timing() for m in meters]

@@ -105,7 +105,7 @@ def test_environment_and_flops_are_recorded(quick):
     assert env["cpu"]["model"] and env["cpu"]["cores"] >= 1 and env["device"] == "cpu" and env["gpu"] is None
     assert env["command"].startswith("convnext-fast benchmark") and "--quick" in env["command"]
     assert "benchmark" in env["argv"] and env["env"]["OMP_WAIT_POLICY"] == "PASSIVE"
-    assert set(env["git"]) == {"commit", "dirty"}
+    assert set(env["git"]) == {"commit", "dirty", "changed"}
     flops = {f["img_size"]: f for f in doc["flops"]["per_size"]}
     assert flops[48]["fwd_flops_per_img"] > flops[32]["fwd_flops_per_img"] > 0
     assert flops[32]["train_flops_per_img"] == 3 * flops[32]["fwd_flops_per_img"]
@@ -120,3 +120,23 @@ def test_markdown_plot_and_terminal_tables_are_written(quick):
     png = out["plot"].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert "Speed-ups" in stdout and "limited by" in stdout and f"wrote {out['json']}" in stdout
+
+
+@pytest.mark.gpu
+def test_quick_on_cuda_records_gpu_memory_and_mfu(quick, tmp_path):
+    """The same --quick run on the GPU: DALI's GPU graph, compile and bf16 on, CUDA memory, MFU where known."""
+    _, out, _ = quick
+    data = out["json"].parent.parent / "data"
+    target = tmp_path / "gpu.json"
+    cmd = [sys.executable, "-m", "convnext_fast", "benchmark", str(data), "--quick", "--device", "cuda",
+           "--json", str(target), "--markdown", str(tmp_path / "gpu.md"), "--plot", str(tmp_path / "gpu.png")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(target.read_text())
+    assert doc["environment"]["gpu"]["name"] and doc["memory_kind"] == "cuda_max_memory_allocated"
+    assert doc["config"]["fast"]["compile"] and doc["config"]["fast"]["amp"] == "bf16"
+    fast = [r for r in doc["results"] if r["kind"] == "step" and r["name"] == "fast"]
+    assert fast and all(r["compile_s"] is not None and r["loss_finite"] for r in fast)
+    assert all("error" not in r for r in doc["results"])
+    if doc["peak_tflops"]:
+        assert all(r["mfu_pct"] > 0 for r in doc["results"] if r["kind"] in ("step", "loop"))

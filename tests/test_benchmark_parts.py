@@ -7,7 +7,7 @@ import torch
 
 from convnext_fast.benchmark import SPEED_FEATURES, ablation_speeds, summarize
 from convnext_fast.benchmark_env import forward_flops, mfu, peak_tflops, peak_tflops_for_name
-from convnext_fast.benchmark_timing import PeakMemory, Timing, endless, time_loader, time_loop, time_step
+from convnext_fast.benchmark_timing import Meter, PeakMemory, Timing, endless, interleave
 from convnext_fast.cli import main
 from convnext_fast.data import Batch
 from convnext_fast.engine import BASELINE_SPEED, FAST_SPEED
@@ -45,36 +45,56 @@ def test_timing_statistics_come_from_the_windows():
     assert d["repeats"] == 3 and "data_wait_pct" not in d
 
 
-def test_time_loop_splits_data_wait_from_compute():
+def test_loop_meter_splits_data_wait_from_compute():
     loader = _SleepyLoader(n=3, delay=0.03)
+    losses = []
 
     def step(images, labels):
         time.sleep(0.01)
-        return images.sum()
+        losses.append(images.sum())
 
-    timing, loss = time_loop(endless(loader), step, batch_size=4, device=CPU, steps=4, warmup=1, repeats=2)
+    meter = Meter.loop_of(endless(loader), step, batch_size=4, device=CPU, steps=4, warmup=1)
+    (timing,) = interleave([meter], repeats=2)
     # 30 ms waiting for every 40 ms step: ~75% data-wait (sleep overshoot only shifts it a little).
     assert 60 < timing.data_wait_pct < 90
     assert timing.samples_per_sec < 4 / 0.04 * 1.05
-    assert loss.item() == 0
+    assert len(losses) == 1 + 2 * 4
     assert loader.epochs[:3] == [0, 1, 2]  # 9 batches over 3-batch epochs: the stream crosses epochs in order
 
 
-def test_time_loader_and_step_exclude_warmup():
+def test_meters_exclude_warmup_and_interleave_their_windows():
     loader = _SleepyLoader(n=50, delay=0.002)
-    t = time_loader(endless(loader), batch_size=4, device=CPU, steps=5, warmup=2, repeats=2)
+    (t,) = interleave([Meter.loader(endless(loader), batch_size=4, device=CPU, steps=5, warmup=2)], repeats=2)
     assert len(t.window_s) == 2 and t.samples_per_sec < 4 / 0.002
     calls = []
 
-    def step():
-        calls.append(1)
-        time.sleep(0.5 if len(calls) == 1 else 0.002)  # a slow first call, as a compile would be
-        return torch.tensor(1.0)
+    def slow_first(tag):
+        calls.append(tag)
+        time.sleep(0.5 if calls.count(tag) == 1 else 0.002)  # a slow first call, as a compile would be
 
-    timing, _ = time_step(step, batch_size=2, device=CPU, steps=3, warmup=2, repeats=2)
-    assert len(calls) == 2 + 3 * 2
-    assert timing.first_s >= 0.5 and timing.warmup_overhead_s >= 0.45
-    assert timing.step_time_ms < 100  # the slow first call is not in the timed windows
+    meters = [Meter.step(lambda tag=tag: slow_first(tag), batch_size=2, device=CPU, steps=3, warmup=2)
+              for tag in "ab"]
+    ta, tb = interleave(meters, repeats=3)
+    assert calls == ["a"] * 2 + ["b"] * 2 + ["a"] * 3 + ["b"] * 6 + ["a"] * 6 + ["b"] * 3  # A B, B A, A B
+    for timing in (ta, tb):
+        assert timing.first_s >= 0.5 and timing.warmup_overhead_s >= 0.45
+        assert timing.step_time_ms < 100 and len(timing.window_s) == 3  # the slow call is not in the windows
+
+
+def test_peak_memory_with_state_bytes_counts_the_window_above_its_start():
+    keep = []
+
+    def step():
+        keep.append(torch.ones(16 * 2**20 // 4))  # 16 MiB per call, kept: the footprint grows
+        return 0.0
+
+    meter = Meter(step, batch_size=1, device=CPU, steps=2, warmup=1, state_bytes=lambda: 100 * 2**20)
+    if meter.mem.kind != "process_peak_rss":
+        pytest.skip("the kernel refuses to reset the peak RSS here")
+    (timing,) = interleave([meter], repeats=1)
+    # 100 MiB of state + ~32 MiB allocated in the window; the 16 MiB of the warm-up and whatever else the
+    # process holds are not counted.
+    assert 100 + 28 < timing.peak_mem_mib < 100 + 40
 
 
 def test_endless_rejects_a_loader_without_batches():
@@ -87,9 +107,9 @@ def test_cpu_peak_memory_sees_an_allocation():
     if mem.kind != "process_peak_rss":
         pytest.skip("the kernel refuses to reset the peak RSS here")
     mem.reset()
-    before = mem.peak_mib()
+    before = mem.peak()
     x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-    assert mem.peak_mib() - before > 50
+    assert mem.peak() - before > 50 and mem.current() >= mem.peak() - 1
     del x
 
 
@@ -177,3 +197,14 @@ def test_missing_data_and_argparse_errors_exit_2(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["benchmark", "--amp", "fp8"])
     assert e.value.code == 2
+
+
+def test_engine_state_bytes_counts_weights_adam_moments_and_ema():
+    from convnext_fast.benchmark import RECIPE, state_bytes
+    from convnext_fast.engine import build_engine
+
+    engine = build_engine("convnext_atto", 3, device="cpu", speed=BASELINE_SPEED, recipe=RECIPE)
+    engine.train_step(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))  # creates AdamW's two moments
+    params = sum(p.numel() for p in engine.model.parameters())
+    # fp32 weights + exp_avg + exp_avg_sq + the EMA copy = 4 x 4 bytes per parameter (+ a few step counters).
+    assert state_bytes(engine) == pytest.approx(16 * params, rel=0.01)

@@ -124,7 +124,8 @@ def build_config(args: argparse.Namespace):
     return BenchConfig(
         data=data, sizes=sizes, loaders=loaders, model=model, device=device,
         batch_size=args.batch_size or quick.get("batch_size", batch), steps=steps,
-        loader_steps=args.loader_steps or LOADER_STEPS_FACTOR * steps, warmup=args.warmup or quick.get("warmup", warmup),
+        loader_steps=args.loader_steps or LOADER_STEPS_FACTOR * steps,
+        warmup=args.warmup or quick.get("warmup", warmup),
         repeats=args.repeats or quick.get("repeats", 3), dataset_size=args.dataset_size,
         workers=args.workers or default_num_workers(), fast=fast, ablation_sizes=ablation_sizes,
         peak_tflops=args.peak_tflops, quick=bool(args.quick), data_note=note)
@@ -134,9 +135,9 @@ def resolved_command(cfg, data_arg: str | None) -> str:
     """The command line that reruns exactly this configuration (every default spelt out)."""
     parts = ["convnext-fast", "benchmark"] + ([data_arg] if data_arg else [])
     parts += ["--sizes", ",".join(map(str, cfg.sizes)), "--loaders", ",".join(cfg.loaders), "--model", cfg.model,
-              "--batch-size", str(cfg.batch_size), "--device", str(cfg.device), "--steps", str(cfg.steps), "--loader-steps", str(cfg.loader_steps),
-              "--warmup", str(cfg.warmup), "--repeats", str(cfg.repeats), "--dataset-size", str(cfg.dataset_size),
-              "--workers", str(cfg.workers), "--amp", cfg.fast.amp,
+              "--batch-size", str(cfg.batch_size), "--device", str(cfg.device), "--steps", str(cfg.steps),
+              "--loader-steps", str(cfg.loader_steps), "--warmup", str(cfg.warmup), "--repeats", str(cfg.repeats),
+              "--dataset-size", str(cfg.dataset_size), "--workers", str(cfg.workers), "--amp", cfg.fast.amp,
               "--compile" if cfg.fast.compile else "--no-compile",
               "--ablation-sizes", ",".join(map(str, cfg.ablation_sizes)) or "none"]
     if cfg.peak_tflops is not None:
