@@ -97,14 +97,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
 
 
-def gather_rng_states(world_size: int) -> list:
+def gather_rng_states() -> list:
     """Every rank's :func:`rng_state`, indexed by rank (a collective under DDP: every rank must call it)."""
-    state = rng_state()
-    if world_size <= 1:
-        return [state]
-    out: list = [None] * world_size
-    torch.distributed.all_gather_object(out, state)
-    return out
+    from convnext_fast.distributed import all_gather_object
+
+    return all_gather_object(rng_state())
 
 
 def atomic_link(src: str | os.PathLike, dst: str | os.PathLike) -> Path:

@@ -31,7 +31,8 @@ import torch
 from convnext_fast import checkpoint as ckpt_io
 from convnext_fast.config import TrainConfig
 from convnext_fast.data import ImageIndex, build_loader, scan_folder, stratified_split
-from convnext_fast.distributed import DistInfo, all_reduce_sum, destroy_distributed, init_distributed
+from convnext_fast.distributed import (DistInfo, all_reduce_sum, destroy_distributed, init_distributed,
+                                      replica_digests)
 from convnext_fast.engine import Engine, build_engine
 from convnext_fast.evaluate import evaluate
 from convnext_fast.model import check_model_name
@@ -137,7 +138,7 @@ def _seed_everything(seed: int, rank: int) -> None:
 
 def _save(run_dir: Path, name: str, engine: Engine, state: LoopState, meta: dict, dist: DistInfo) -> Path:
     """Write checkpoints/<name> (rank 0; the RNG gather is collective, so every rank calls this)."""
-    rng = ckpt_io.gather_rng_states(dist.world_size)
+    rng = ckpt_io.gather_rng_states()
     path = run_dir / "checkpoints" / name
     if dist.is_main:
         ckpt_io.atomic_save({"format": ckpt_io.FORMAT, "meta": meta, "engine": engine.state_dict(),
@@ -230,10 +231,12 @@ def _setup(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None) -> 
         ckpt = ckpt_io.load_checkpoint(run_dir / "checkpoints" / "last.pt", map_location=dev)
         if ckpt["meta"]["classes"] != classes:
             raise ValueError(f"--resume {run_dir}: the checkpoint's classes differ from DATA's classes")
+        if len(ckpt["rng"]) != dist.world_size:  # the shards, global batch and lr would all change
+            raise ValueError(f"--resume {run_dir}: the checkpoint was saved by {len(ckpt['rng'])} process(es) and "
+                             f"this job has {dist.world_size}; resume with the same number of processes")
         engine.load_state_dict(ckpt["engine"])
         state = LoopState(**ckpt["loop"])
-        if len(ckpt["rng"]) == dist.world_size:  # another world size: fresh per-rank streams (not bitwise)
-            ckpt_io.set_rng_state(ckpt["rng"][dist.rank])
+        ckpt_io.set_rng_state(ckpt["rng"][dist.rank])
     run = _Run(cfg=cfg, dist=dist, run_dir=run_dir, train_loader=train_loader, val_loader=val_loader, engine=engine,
                sched=sched, lr=lr, meta=meta, state=state, reporter=RunReporter(run_dir, classes, is_main=dist.is_main),
                progress=TrainProgress(enabled=dist.is_main, epochs=cfg.run.epochs, tty=tty))
@@ -386,6 +389,9 @@ def _finish(cfg: TrainConfig, run_dir: Path, state: LoopState, reporter: RunRepo
         "world_size": dist.world_size, "global_batch": cfg.data.batch_size * dist.world_size, "lr": lr,
         "device": str(engine.device), "run_dir": str(run_dir),
     }
+    # Every rank's digest of its weights (collective): DDP keeps replicas equal only if every rank applied the
+    # same updates from the same start, so equal digests are the end-of-run proof.
+    summary["replica_digests"] = replica_digests(engine.model.state_dict())
     if dist.is_main:
         reporter.write_summary(summary)
         reporter.make_plots(rows, state.best_eval.get("per_class_acc"), state.best_eval.get("confusion"))
