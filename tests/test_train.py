@@ -7,6 +7,7 @@ tiny: convnext_atto at 32 px, 3 classes x 8 training images, batch 8 -> 3 steps 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -213,3 +214,23 @@ def test_entry_point_rejects_unknown_flag():
                           timeout=120)
     assert proc.returncode == 2
     assert "--bogus" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.gpu
+def test_gpu_defaults_compile_once_and_resume(data, tmp_path):
+    """On CUDA the defaults are the fast path (DALI on the GPU, torch.compile, bf16, fused AdamW): two epochs with
+    recompiles forbidden, then a resumed third epoch."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    out = tmp_path / "run"
+    flags = ["--loader", "dali", "--model", "convnext_atto", "--img-size", "32", "--batch-size", "8",
+             "--mixup", "0.8", "--cutmix", "1.0", "--model-ema", "--tta", "--log-every", "2"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert main(["train", str(data), "--out", str(out), "--epochs", "2", *flags]) == 0
+    resolved = json.loads((out / "config.json").read_text())["resolved"]
+    assert resolved["speed"]["compile"] and resolved["speed"]["amp"] == "bf16" and resolved["speed"]["fused_adamw"]
+    assert main(["train", "--resume", str(out), "--epochs", "3"]) == 0
+    assert [r["epoch"] for r in rows(out)] == [1, 2, 3]
+    assert all(math.isfinite(r["train_loss"]) for r in rows(out))
+    assert not any(k.startswith("_orig_mod") for k in load_weights(out / "model.safetensors")[0])
