@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,11 @@ def _log_default(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _load_avg() -> float | None:
+    """The 1-minute load average when a measurement ends: how shared the machine was (None if unknown)."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
 def state_bytes(engine) -> int:
     """Bytes an engine keeps between steps: weights, buffers, optimizer state, EMA copy (gradients are freed)."""
     tensors = [*engine.model.parameters(), *engine.model.buffers()]
@@ -127,6 +133,7 @@ class _Run:
         rec["compile_s"] = rec["warmup_overhead_s"] if engine.speed.compile and kind == "step" else None
         rec["mfu_pct"] = mfu(rec["samples_per_sec"], flops["train_flops_per_img"], self.peak)
         rec["loss_finite"] = bool(torch.isfinite(loss[0]).item())  # one sync, after the timing
+        rec["load_avg_1m"] = _load_avg()
         return rec
 
     def loader_record(self, backend: str, size: int) -> dict:
@@ -144,59 +151,70 @@ class _Run:
         finally:
             loader.close()
         return {**base, "batch_size": self.cfg.batch_size, "workers": self.cfg.workers,
-                "batches_per_epoch": len(loader), **timing.to_dict()}
+                "batches_per_epoch": len(loader), **timing.to_dict(), "load_avg_1m": _load_avg()}
 
-    def step_records(self, engines: dict, size: int, flops: dict) -> list[dict]:
-        """Every engine's train_step alone on a device-resident synthetic batch (its ceiling), interleaved."""
+    def step_meters(self, engines: dict, size: int) -> dict:
+        """Each engine's train_step alone on a device-resident synthetic batch: its ceiling."""
         images, labels = next(iter(self.data_loader("synthetic", size)))
-        meters, losses = [], {}
+        meters = {}
         for name, engine in engines.items():
-            # The layout the step wants, made once outside the timing (as a loader yielding it would).
+            # The layout the step wants, made once outside the timing (as a loader yielding it would); a copy
+            # per engine, as Mixup mixes in place.
             x = images.contiguous(memory_format=torch.channels_last if engine.speed.channels_last
                                   else torch.contiguous_format).clone()
-            losses[name] = [torch.zeros(())]
+            loss = [torch.zeros(())]
 
-            def step(engine=engine, x=x, loss=losses[name]):
+            def step(engine=engine, x=x, loss=loss):
                 loss[0] = engine.train_step(x, labels)
-            meters.append(Meter.step(step, state_bytes=lambda e=engine: state_bytes(e), **self.meter_kwargs()))
-        timings = interleave(meters, self.cfg.repeats)
-        return [self.engine_record("step", name, size, engine, flops, timing, losses[name])
-                for (name, engine), timing in zip(engines.items(), timings)]
+            meter = Meter.step(step, state_bytes=lambda e=engine: state_bytes(e), **self.meter_kwargs())
+            meters[("step", name)] = (meter, engine, loss)
+        return meters
 
-    def loop_records(self, engines: dict, size: int, flops: dict) -> list[dict]:
-        """The baseline and fast loops (their loader feeding their engine), data-wait measured, interleaved."""
-        names = [n for n in LOOPS if LOOPS[n] in self.cfg.loaders]
-        loaders, meters, losses, out = {}, [], {}, []
+    def loop_meters(self, engines: dict, size: int, loaders: dict, errors: list) -> dict:
+        """The baseline and fast loops: their loader feeding their engine, data-wait measured."""
+        meters = {}
+        for name in (n for n in LOOPS if LOOPS[n] in self.cfg.loaders):
+            try:
+                loaders[name] = self.data_loader(LOOPS[name], size)
+            except ImportError as e:
+                errors.append({"kind": "loop", "name": name, "loader": LOOPS[name], "img_size": size,
+                               "error": f"{type(e).__name__}: {e}"})
+                continue
+            loss = [torch.zeros(())]
+
+            def step(images, labels, engine=engines[name], loss=loss):
+                loss[0] = engine.train_step(images, labels)
+            meter = Meter.loop_of(endless(loaders[name]), step, **self.meter_kwargs(),
+                                  state_bytes=lambda e=engines[name]: state_bytes(e))
+            meters[("loop", name)] = (meter, engines[name], loss)
+        return meters
+
+    def model_records(self, engines: dict, size: int, flops: dict) -> list[dict]:
+        """Step-only and end-to-end measurements of one size, all interleaved in one group, so that the loops
+        and the step ceilings they are compared with see the same machine."""
+        loaders, errors = {}, []
         try:
-            for name in names:
-                try:
-                    loaders[name] = self.data_loader(LOOPS[name], size)
-                except ImportError as e:
-                    out.append({"kind": "loop", "name": name, "loader": LOOPS[name], "img_size": size,
-                                "error": f"{type(e).__name__}: {e}"})
-            for name, loader in loaders.items():
-                losses[name] = [torch.zeros(())]
-
-                def step(images, labels, engine=engines[name], loss=losses[name]):
-                    loss[0] = engine.train_step(images, labels)
-                meters.append(Meter.loop_of(endless(loader), step, **self.meter_kwargs(),
-                                            state_bytes=lambda e=engines[name]: state_bytes(e)))
-            timings = interleave(meters, self.cfg.repeats)
+            meters = self.step_meters(engines, size) | self.loop_meters(engines, size, loaders, errors)
+            timings = interleave([m for m, _, _ in meters.values()], self.cfg.repeats)
         finally:
             for loader in loaders.values():
                 loader.close()
-        for name, timing in zip(loaders, timings):
-            rec = self.engine_record("loop", name, size, engines[name], flops, timing, losses[name])
-            out.append({**rec, "loader": LOOPS[name], "workers": self.cfg.workers})
-        return out
+        out = []
+        for ((kind, name), (_, engine, loss)), timing in zip(meters.items(), timings):
+            rec = self.engine_record(kind, name, size, engine, flops, timing, loss)
+            if kind == "loop":
+                rec.update(loader=LOOPS[name], workers=self.cfg.workers)
+            out.append(rec)
+        return out + errors
 
     def measure_size(self, size: int) -> tuple[dict, list[dict]]:
         cfg = self.cfg
         fwd = forward_flops(cfg.model, self.num_classes, size)
         flops = {"img_size": size, "fwd_flops_per_img": fwd, "train_flops_per_img": 3 * fwd}
-        records = [self.loader_record(backend, size) for backend in cfg.loaders]
-        for rec in records:
-            self.log(_one_line(rec))
+        records = []
+        for backend in cfg.loaders:
+            records.append(self.loader_record(backend, size))
+            self.log(_one_line(records[-1]))
         plan = {"baseline": BASELINE_SPEED, "fast": cfg.fast}
         if size in cfg.ablation_sizes:
             variants = ablation_speeds(cfg.fast, with_compile=not cfg.quick)
@@ -207,11 +225,9 @@ class _Run:
         with torch._dynamo.config.patch(recompile_limit=max(64, torch._dynamo.config.recompile_limit)):
             engines = {name: build_engine(cfg.model, self.num_classes, device=cfg.device, speed=speed,
                                           recipe=RECIPE, seed=cfg.seed) for name, speed in plan.items()}
-            for group in (self.step_records, self.loop_records):
-                new = group(engines, size, flops)
-                for rec in new:
-                    self.log(_one_line(rec))
-                records += new
+            for rec in self.model_records(engines, size, flops):
+                records.append(rec)
+                self.log(_one_line(rec))
         del engines
         gc.collect()
         if cfg.device.type == "cuda":
@@ -352,7 +368,9 @@ def _notes(cfg: BenchConfig) -> list[str]:
         "Throughput: median over repeats of timed windows (device synchronized at both ends); [min-max] spread. "
         "Warm-up excluded; compile_s = warm-up time beyond steady-state steps (compile + autotune).",
         "Step-only: Engine.train_step on one device-resident synthetic batch. Loop: the loader feeding the same "
-        "step; the device is synchronized before each next(loader), so data-wait is time the device idled for data.",
+        "step; the device is synchronized before each next(loader), so data-wait is time the device idled for data. "
+        "At each size the step-only and loop measurements run interleaved (A B ... B A) in one group, so a noisy "
+        "machine slows them alike; each record keeps the load average at its end.",
         "Both steps train the same recipe (Mixup 0.8, CutMix 1.0, label smoothing 0.1, EMA); baseline = eager, "
         "fp32, NCHW, foreach AdamW, timm Mixup (host-drawn), per-tensor EMA.",
         "Loaders run train augmentation (random-resized-crop, flip, RandAugment 2/9) with the same CPU budget "
