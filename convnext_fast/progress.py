@@ -100,13 +100,13 @@ class TrainProgress:
 
 
 def describe_run(cfg: TrainConfig, engine: Engine, dist: DistInfo, n_train: int, n_val: int, classes: list,
-              steps: int, lr: float) -> str:
+                 steps: int, lr: float, data_root: str = "") -> str:
     """The run header: model, data, device, batch and lr (with its scaling), speed switches."""
     s, gb = engine.speed, cfg.data.batch_size * dist.world_size
     lr_note = "" if cfg.optim.lr is not None else f" (= {cfg.optim.ref_lr:g} x {gb} / {cfg.optim.ref_batch})"
     params = sum(p.numel() for p in engine.model.parameters()) / 1e6
     return (f"model {cfg.model.name} ({params:.1f}M params) | {len(classes)} classes | train {n_train} / val {n_val}"
-            f" images | {cfg.data.img_size}px | loader {cfg.data.loader}\n"
+            f" images | {cfg.data.img_size}px | loader {cfg.data.loader} | data {data_root}\n"
             f"device {engine.device} x {dist.world_size} | batch {cfg.data.batch_size}/process, global {gb} | "
             f"{steps} steps/epoch | lr {lr:.3g}{lr_note}\n"
             f"compile {s.compile} | amp {s.amp} | channels_last {s.channels_last} | fused_adamw {s.fused_adamw} | "

@@ -248,7 +248,8 @@ def _setup(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None) -> 
         atomic_write_text(run_dir / "config.json", json.dumps({**cfg.to_dict(), "resolved": resolved}, indent=2))
         atomic_write_text(run_dir / "classes.json", json.dumps(classes, indent=2))
         _write_rows(run_dir, state.rows)  # a resumed run drops rows logged after its checkpoint
-        run.progress.log(describe_run(cfg, engine, dist, len(train_index), len(val_index), classes, steps, lr))
+        run.progress.log(describe_run(cfg, engine, dist, len(train_index), len(val_index), classes, steps, lr,
+                                      data_root=str(train_index.root)))
         if resume:
             run.progress.log(f"resuming {run_dir} at epoch {state.epoch + 1}, batch {state.batch_in_epoch}")
     return run
@@ -343,7 +344,8 @@ def _train(run: _Run, stop: _StopRequest, t_start: float) -> dict:
         else:
             state.epochs_since_best += 1
         patience = cfg.run.patience
-        state.stopped_early = patience is not None and state.epochs_since_best >= patience and epoch + 1 < cfg.run.epochs
+        state.stopped_early = (patience is not None and state.epochs_since_best >= patience
+                               and epoch + 1 < cfg.run.epochs)
         state.wall_time_s += time.perf_counter() - t_start
         t_start = time.perf_counter()
         reporter.log_epoch(row)

@@ -164,4 +164,7 @@ def run(args: argparse.Namespace) -> int:
     except TrainingError as e:
         print(f"convnext-fast train: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C: abort without saving (the first one is still saving)
+        print("convnext-fast train: aborted; checkpoints/last.pt is the last complete checkpoint", file=sys.stderr)
+        return 130
     return 0
