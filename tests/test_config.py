@@ -91,8 +91,8 @@ def test_flag_parsing():
                                   "--randaugment", "3,12", "--val-split", "0.2", "--tta"))
     assert cfg.data.randaugment == (3, 12) and cfg.run.patience is None and cfg.speed.compile is False
     assert cfg.speed.amp == "bf16" and cfg.data.val_split == 0.2 and cfg.recipe.tta is True
-    cfg, _ = resolve_config(parse("D", "--randaugment", "off", "--patience", "7"))
-    assert cfg.data.randaugment is None and cfg.run.patience == 7
+    cfg, _ = resolve_config(parse("D", "--randaugment", "off", "--patience", "7", "--preset", "demo", "--lr", "auto"))
+    assert cfg.data.randaugment is None and cfg.run.patience == 7 and cfg.optim.lr is None
 
 
 def test_lr_scaling_documented_formula():

@@ -27,7 +27,7 @@ def _number(kind: type) -> Callable[[str, str], Any]:
 
 def _optional(parse: Callable[[str, str], Any]) -> Callable[[str, str], Any]:
     def parse_or_off(flag: str, text: str) -> Any:
-        return None if text.lower() in ("off", "none") else parse(flag, text)
+        return None if text.lower() in ("off", "none", "auto") else parse(flag, text)
     return parse_or_off
 
 
@@ -62,7 +62,7 @@ FLAGS: dict[str, tuple[str, str, Any, str | None]] = {
     "--skip-bad": ("data", "skip_bad", "bool", None),
     "--model": ("model", "name", _text, "NAME"),
     "--drop-path": ("model", "drop_path", _FLOAT, "RATE"),
-    "--lr": ("optim", "lr", _FLOAT, "LR"),
+    "--lr": ("optim", "lr", _optional(_FLOAT), "LR|auto"),
     "--weight-decay": ("optim", "weight_decay", _FLOAT, "WD"),
     "--warmup-epochs": ("optim", "warmup_epochs", _FLOAT, "N"),
     "--min-lr": ("optim", "min_lr", _FLOAT, "LR"),
@@ -97,6 +97,9 @@ def _dest(flag: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.usage = "convnext-fast train [DATA] [--out RUN_DIR] [--preset NAME] [--config FILE] [flags] (see -h)"
+    parser.epilog = ("Defaults shown are the built-in ones; a preset and then a --config file replace them, and flags "
+                     "given here replace both. --lr auto = 4e-3 x global batch / 4096 (ConvNeXt), weight decay "
+                     "unchanged. The resolved config is saved as RUN_DIR/config.json.")
     parser.add_argument("data", nargs="?", default=None, metavar="DATA",
                         help="image folder with train/ and val/ class folders, or class folders with --val-split; "
                              "omitted: the demo dataset with --preset demo")
@@ -106,9 +109,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", default=None, metavar="RUN_DIR",
                         help="continue RUN_DIR exactly from checkpoints/last.pt (its saved config; flags override)")
     groups: dict[str, argparse._ArgumentGroup] = {}
+    defaults = TrainConfig()
     for flag, (section, key, parse, metavar) in FLAGS.items():
         group = groups.setdefault(section, parser.add_argument_group(section))
-        help_text = field_doc(section, key)
+        default = getattr(getattr(defaults, section), key)
+        shown = "auto" if default is None and section == "speed" else default
+        help_text = f"{field_doc(section, key)} (default: {shown})".replace("%", "%%")
         if parse == "bool":
             group.add_argument(flag, dest=_dest(flag), action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=help_text)
