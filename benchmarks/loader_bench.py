@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import statistics
 import sys
 import time
@@ -35,14 +36,51 @@ from convnext_fast.data import build_loader, default_num_workers, scan_folder  #
 BACKENDS = ("dali", "torchvision")
 
 
-def time_epoch(loader, epoch: int) -> tuple[float, int]:
-    """Images/s over one whole epoch (the loader's own prefetch included, nothing else done per batch)."""
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _process_tree() -> list[int]:
+    """This process and its descendants (the DataLoader's worker processes), from /proc."""
+    pids, todo = [], [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        try:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return pids
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of `pids`, all threads included."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except OSError:
+            pass
+    return total / _TICK
+
+
+def time_epoch(loader, epoch: int) -> tuple[float, float, int]:
+    """(images/s, CPU ms per image, images) over one whole epoch; nothing else is done per batch.
+
+    CPU time counts this process (main thread + DALI threads) and its worker processes: on a shared machine the
+    wall-clock rate depends on the neighbours, CPU per image much less so.
+    """
     loader.set_epoch(epoch)
     n = 0
-    start = time.perf_counter()
+    pids = _process_tree()  # persistent workers: the same processes for the whole epoch
+    cpu0, start = _cpu_seconds(pids), time.perf_counter()
     for images, _ in loader:
         n += images.shape[0]
-    return n / (time.perf_counter() - start), n
+    wall, cpu = time.perf_counter() - start, _cpu_seconds(pids) - cpu0
+    return n / wall, 1000 * cpu / max(n, 1), n
 
 
 def bench_setting(index, size: int, randaugment, args) -> dict:
@@ -55,13 +93,15 @@ def bench_setting(index, size: int, randaugment, args) -> dict:
         for b in BACKENDS:  # warm-up, excluded
             time_epoch(loaders[b], 0)
         runs = {b: [] for b in BACKENDS}
+        cpu = {b: [] for b in BACKENDS}
         for r in range(args.repeats):
             order = BACKENDS if r % 2 == 0 else BACKENDS[::-1]
             for b in order:
-                rate, n = time_epoch(loaders[b], r + 1)
+                rate, cpu_ms, n = time_epoch(loaders[b], r + 1)
                 runs[b].append(rate)
-                print(f"  size {size} ra={randaugment} repeat {r}: {b:12s} {rate:8.1f} img/s ({n} images)",
-                      flush=True)
+                cpu[b].append(cpu_ms)
+                print(f"  size {size} ra={randaugment} repeat {r}: {b:12s} {rate:8.1f} img/s "
+                      f"{cpu_ms:6.2f} CPU ms/img ({n} images, load {os.getloadavg()[0]:.1f})", flush=True)
     finally:
         for ld in loaders.values():
             ld.close()
@@ -74,6 +114,10 @@ def bench_setting(index, size: int, randaugment, args) -> dict:
         "spread_img_per_s": {b: [round(min(runs[b]), 1), round(max(runs[b]), 1)] for b in BACKENDS},
         "ratio_dali_over_torchvision": round(med["dali"] / med["torchvision"], 3),
         "median_paired_ratio": round(statistics.median(paired), 3),
+        "cpu_ms_per_img": {b: [round(v, 3) for v in cpu[b]] for b in BACKENDS},
+        "median_cpu_ms_per_img": {b: round(statistics.median(cpu[b]), 3) for b in BACKENDS},
+        "cpu_ratio_torchvision_over_dali": round(statistics.median(cpu["torchvision"]) / statistics.median(cpu["dali"]),
+                                                 3),
     }
 
 
@@ -91,8 +135,9 @@ def to_markdown(record: dict) -> str:
         "loader after one warm-up epoch, alternating loaders",
         f"- command: `{env['argv']}`",
         "",
-        "| size | RandAugment | DALI img/s (min-max) | torchvision img/s (min-max) | DALI / torchvision |",
-        "|---:|---|---:|---:|---:|",
+        "| size | RandAugment | DALI img/s (min-max) | torchvision img/s (min-max) | DALI / torchvision "
+        "| CPU ms/img DALI | CPU ms/img torchvision | CPU ratio |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in record["results"]:
         ra = "off" if r["randaugment"] is None else f"n={r['randaugment'][0]}, m={r['randaugment'][1]}"
@@ -100,8 +145,11 @@ def to_markdown(record: dict) -> str:
         lines.append(
             f"| {r['img_size']} | {ra} | {d['dali']:.0f} ({t['dali'][0]:.0f}-{t['dali'][1]:.0f}) | "
             f"{d['torchvision']:.0f} ({t['torchvision'][0]:.0f}-{t['torchvision'][1]:.0f}) | "
-            f"{r['ratio_dali_over_torchvision']:.2f}x |")
-    lines += ["", "Medians over the timed epochs; the ratio is of the medians (median of paired ratios in the JSON)."]
+            f"{r['ratio_dali_over_torchvision']:.2f}x | {r['median_cpu_ms_per_img']['dali']:.2f} | "
+            f"{r['median_cpu_ms_per_img']['torchvision']:.2f} | {r['cpu_ratio_torchvision_over_dali']:.2f}x |")
+    lines += ["", "Medians over the timed epochs; the ratio is of the medians (median of paired ratios in the JSON). "
+              "CPU ms/img: user+system CPU of the loader's process and its DataLoader workers per image, less "
+              "sensitive than img/s to other load on a shared machine; CPU ratio = torchvision / DALI."]
     return "\n".join(lines) + "\n"
 
 

@@ -22,6 +22,7 @@ import numpy as np
 RA_OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
           "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
 _GEOMETRIC = {"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"}
+_SIGNED = _GEOMETRIC | {"Brightness", "Color", "Contrast", "Sharpness"}  # torchvision flips these with p=0.5
 NUM_BINS = 31
 # PIL's ImageFilter.SMOOTH, the "degenerate" image of ImageEnhance.Sharpness.
 SMOOTH = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32) / 13.0
@@ -207,8 +208,6 @@ def plan_train_batch(rng: np.random.Generator, sizes: np.ndarray, *, img_size: i
         out["postsol"][i] = ra.post_bits < 8 or ra.sol_thresh is not None
     return out
 
-
-_SIGNED = {"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast", "Sharpness"}
 
 
 def plan_eval_batch(sizes: np.ndarray, *, img_size: int, crop_pct: float) -> dict[str, np.ndarray]:
