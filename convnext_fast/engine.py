@@ -177,9 +177,12 @@ def build_engine(model_name: str, num_classes: int, *, device: torch.device | st
     device = torch.device(device)
     speed = speed.resolve(device.type)
     if model is None:
-        torch.manual_seed(seed)  # same initial weights on every rank, whatever each rank's RNG did before
-        model = create_model(model_name, num_classes, drop_path=drop_path, device=device,
-                             channels_last=speed.channels_last)
+        # Same initial weights on every rank, whatever each rank's RNG did before; forked so that the caller's
+        # per-rank streams survive (else every rank would draw the same drop-path masks).
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            model = create_model(model_name, num_classes, drop_path=drop_path, device=device,
+                                 channels_last=speed.channels_last)
     train_module: nn.Module = model
     if world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
