@@ -151,6 +151,21 @@ def test_epochs_are_pure_functions_of_seed_epoch_shard(solid_root):
     ld.close()
 
 
+def test_batches_do_not_depend_on_threads_or_cache(mixed_root):
+    def run(**kw):
+        ld = _loader(mixed_root, batch_size=7, img_size=24, **kw)
+        out = [torch.cat([b.images for b in ld]) for _ in range(2)]  # epoch 0 twice (the cache fills in the 1st)
+        ld.close()
+        return out
+
+    base = run(num_workers=2)
+    assert torch.equal(base[0], base[1])
+    for other in (run(num_workers=1), run(num_workers=2, cache="host")):
+        assert torch.equal(base[0], other[0]) and torch.equal(base[0], other[1])
+    with pytest.raises(ValueError, match="--cache device"):
+        _loader(mixed_root, cache="device")
+
+
 def test_set_epoch_reshuffles_and_an_abandoned_epoch_does_not_leak(solid_root):
     ld = _loader(solid_root, randaugment=None, batch_size=4)
     e0 = torch.cat([b.labels for b in ld])

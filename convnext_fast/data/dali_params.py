@@ -8,8 +8,10 @@ rotate) fold into ONE affine matrix; the colour ops fold into one brightness/con
 one 3x3 sharpen kernel and one posterize/solarize expression; the pipeline runs only the stages a sample needs.
 The op set and magnitudes are torchvision's RandAugment (num_magnitude_bins=31). Deviations, all small: pointwise
 ops run after the geometric ones in a fixed order (Brightness, Contrast and Color commute exactly, up to
-clamping), the same op drawn twice is applied once with a combined strength, and the geometric warp is resampled
-at min(crop, output) size before one resize to the output.
+clamping), the same op drawn twice is applied once with a combined strength, and a sample with a geometric op is
+warped (bilinear) at min(crop, output) size before one antialiased resize to the output: exact in spirit when
+upscaling (128-px sources to 176/192), slightly aliased for crops much larger than the output. Equalize is DALI's
+(OpenCV's) formula, which rounds its lookup table differently from PIL's.
 """
 
 from __future__ import annotations
