@@ -17,5 +17,5 @@ out="benchmarks/results/$name"
 # Spinning OpenMP threads stall many-fold on a shared, oversubscribed CPU; the setting is recorded in the JSON.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 "$PY" -m convnext_fast benchmark --device cpu --model convnext_atto --sizes 128,176,192 --batch-size 16 \
-    --steps 5 --warmup 2 --repeats 3 --ablation-sizes 176 --dataset-size 70000 \
+    --steps 3 --loader-steps 30 --warmup 2 --repeats 7 --ablation-sizes 176 --dataset-size 70000 \
     --json "$out.json" --markdown "$out.md" --plot "$out.png" "$@"

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from convnext_fast.benchmark_env import FLOPS_CONVENTION, collect_environment, forward_flops, mfu, peak_tflops
+from convnext_fast.benchmark_summary import LOOPS, summarize
 from convnext_fast.benchmark_timing import Meter, PeakMemory, endless, interleave
 from convnext_fast.config import RecipeConfig
 from convnext_fast.data import ImageIndex, build_loader, scan_folder
@@ -36,8 +37,6 @@ SCHEMA = "convnext_fast.benchmark/1"
 SPEED_FEATURES = ("compile", "amp", "channels_last", "fused_adamw", "device_mixup", "ema")
 # The recipe both steps train (ConvNeXt paper's Mixup/CutMix/smoothing/EMA): the speed features change how, not what.
 RECIPE = RecipeConfig(mixup=0.8, cutmix=1.0, smoothing=0.1, model_ema=True)
-DATA_WAIT_LIMIT_PCT = 10.0  # above this share of the loop blocked in next(loader), the loader is the limit
-LOOPS = {"baseline": "torchvision", "fast": "dali"}  # end-to-end loop -> the loader it runs on
 
 
 @dataclass(frozen=True)
@@ -248,62 +247,6 @@ def _one_line(rec: dict) -> str:
     return line
 
 
-def _find(records: list[dict], kind: str, name: str, size: int) -> dict | None:
-    for r in records:
-        if r["kind"] == kind and r["name"] == name and r["img_size"] == size and "error" not in r:
-            return r
-    return None
-
-
-def _ratio(a: dict | None, b: dict | None) -> float | None:
-    if a is None or b is None:
-        return None
-    return a["samples_per_sec"] / b["samples_per_sec"]
-
-
-def summarize(records: list[dict], size: int, dataset_size: int, device_type: str) -> dict:
-    """Speed-ups, projected epoch times and the verdict at one size, computed from the measured records."""
-    loader = {b: _find(records, "loader", b, size) for b in ("torchvision", "dali")}
-    step = {n: _find(records, "step", n, size) for n in LOOPS}
-    loop = {n: _find(records, "loop", n, size) for n in LOOPS}
-    out = {
-        "img_size": size,
-        "loader_speedup_dali_vs_torchvision": _ratio(loader["dali"], loader["torchvision"]),
-        "step_speedup": _ratio(step["fast"], step["baseline"]),
-        "e2e_speedup": _ratio(loop["fast"], loop["baseline"]),
-        "epoch_time_s": {n: (dataset_size / loop[n]["samples_per_sec"] if loop[n] else None) for n in LOOPS},
-        "epoch_time_s_range": {n: ([dataset_size / loop[n]["samples_per_sec_max"],
-                                    dataset_size / loop[n]["samples_per_sec_min"]] if loop[n] else None)
-                               for n in LOOPS},
-        "pct_of_step_ceiling": {n: (100 * _ratio(loop[n], step[n]) if loop[n] and step[n] else None)
-                                for n in LOOPS},
-    }
-    out["limited_by"], out["verdict"] = _verdict(loader["dali"], step["fast"], loop["fast"], device_type)
-    return out
-
-
-def _verdict(loader: dict | None, step: dict | None, loop: dict | None, device_type: str) -> tuple[str | None, str]:
-    if loop is None or step is None:
-        return None, "no verdict: the fast loop was not measured (needs the dali loader)"
-    pct = 100 * loop["samples_per_sec"] / step["samples_per_sec"]
-    wait, step_ips = loop["data_wait_pct"], step["samples_per_sec"]
-    reasons = []
-    if loader is not None and loader["samples_per_sec"] < step_ips:
-        reasons.append(f"loader-only {loader['samples_per_sec']:.0f} img/s < step-only {step_ips:.0f} img/s")
-    if wait > DATA_WAIT_LIMIT_PCT:
-        reasons.append(f"data-wait {wait:.0f}% > {DATA_WAIT_LIMIT_PCT:.0f}%")
-    side = "loader" if reasons else "model"
-    if side == "model":
-        faster = f"loader-only {loader['samples_per_sec']:.0f} img/s >= step-only {step_ips:.0f} img/s, " \
-            if loader is not None else ""
-        reasons.append(f"{faster}data-wait {wait:.0f}%")
-    text = (f"fast loop at {pct:.0f}% of its step-only ceiling ({loop['samples_per_sec']:.1f} of "
-            f"{step_ips:.1f} img/s); limited by the {side}: {'; '.join(reasons)}")
-    if device_type == "cpu":
-        text += " (CPU: the loader and the step share the same cores)"
-    return side, text
-
-
 def resolve_data(data: str | None) -> tuple[Path, str]:
     """The class folders to read: DATA/train when DATA has one (as training reads it), else DATA; no DATA: the
     demo dataset (built on first use). Returns (folder, a note saying where it came from)."""
@@ -377,6 +320,9 @@ def _notes(cfg: BenchConfig) -> list[str]:
         f"({cfg.workers} DALI threads / DataLoader workers); epoch ends are part of the stream. The synthetic "
         "loader replays device-resident batches: its figure is the harness's overhead, not a loader's speed.",
         f"Projected epoch time = {cfg.dataset_size} images / end-to-end img/s.",
+        "Speed-ups are ratios of medians; 'rounds a-b, ahead k/n' gives the range of the round-by-round ratios of "
+        "the interleaved windows and in how many rounds the fast side was faster: a range across 1.0 means the "
+        "difference is within the machine's noise.",
         FLOPS_CONVENTION,
     ]
     if cfg.fast != FAST_SPEED:

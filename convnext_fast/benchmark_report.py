@@ -50,12 +50,19 @@ def _summary_rows(doc: dict) -> list[list[str]]:
     def x(v):
         return _num(v, ".2f", "x")
 
+    def paired(v, p):
+        if v is None or p is None:
+            return x(v)
+        return f"{x(v)} (rounds {p['min']:.2f}-{p['max']:.2f}, ahead {p['rounds_ahead']}/{p['rounds']})"
+
     rows = []
     for s in doc["summary"]:
         ep = s["epoch_time_s"]
-        rows.append([str(s["img_size"]), x(s["loader_speedup_dali_vs_torchvision"]), x(s["step_speedup"]),
-                     x(s["e2e_speedup"]), _minutes(ep["baseline"]), _minutes(ep["fast"]),
-                     _num(s["pct_of_step_ceiling"]["fast"], ".0f", "%"), s["limited_by"] or "-"])
+        rows.append([str(s["img_size"]), x(s["loader_speedup_dali_vs_torchvision"]),
+                     paired(s["step_speedup"], s.get("step_speedup_paired")),
+                     paired(s["e2e_speedup"], s.get("e2e_speedup_paired")), _minutes(ep["baseline"]),
+                     _minutes(ep["fast"]), _num(s["pct_of_step_ceiling"]["fast"], ".0f", "%"),
+                     s["limited_by"] or "-"])
     return rows
 
 

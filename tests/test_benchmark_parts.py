@@ -147,9 +147,10 @@ def test_ablations_flip_one_feature_each():
     assert "with_compile" not in ablation_speeds(BASELINE_SPEED, with_compile=False)
 
 
-def _rec(kind, name, ips, **kw):
-    return {"kind": kind, "name": name, "img_size": 64, "samples_per_sec": ips, "samples_per_sec_min": ips * 0.9,
-            "samples_per_sec_max": ips * 1.1, **kw}
+def _rec(kind, name, ips, windows=None, **kw):
+    windows = windows or [ips * 0.9, ips, ips * 1.1]
+    return {"kind": kind, "name": name, "img_size": 64, "samples_per_sec": ips, "samples_per_sec_min": min(windows),
+            "samples_per_sec_max": max(windows), "samples_per_sec_windows": windows, **kw}
 
 
 def test_summary_ratios_epoch_time_and_verdict():
@@ -170,6 +171,12 @@ def test_summary_ratios_epoch_time_and_verdict():
     records[5] = _rec("loop", "fast", 120.0, data_wait_pct=35.0)
     s = summarize(records, 64, 9000, "cuda")
     assert s["limited_by"] == "loader" and "data-wait 35%" in s["verdict"]
+    # Paired ratios compare the windows of the same round: here the fast loop is behind in one round of three.
+    records[4] = _rec("loop", "baseline", 100.0, windows=[100.0, 80.0, 120.0], data_wait_pct=5.0)
+    records[5] = _rec("loop", "fast", 110.0, windows=[110.0, 130.0, 90.0], data_wait_pct=5.0)
+    paired = summarize(records, 64, 9000, "cuda")["e2e_speedup_paired"]
+    assert paired["median"] == pytest.approx(1.1) and paired["min"] == pytest.approx(0.75)
+    assert paired["max"] == pytest.approx(1.625) and (paired["rounds"], paired["rounds_ahead"]) == (3, 2)
     # Without the fast loop there is no verdict and no loop speed-up.
     s = summarize(records[:5], 64, 9000, "cuda")
     assert s["limited_by"] is None and s["e2e_speedup"] is None
