@@ -175,6 +175,9 @@ def test_set_epoch_reshuffles_and_an_abandoned_epoch_does_not_leak(solid_root):
     ld.set_epoch(1)
     e1 = torch.cat([b.labels for b in ld])
     assert len(e0) == len(e1) == 36
+    # zip stops after the last batch without exhausting the loader's generator: the next epoch must still be whole
+    assert len([b for _, b in zip(range(len(ld)), ld)]) == len(ld)
+    assert len(list(ld)) == len(ld)
     positions = [ld._epoch_positions()]
     ld.set_epoch(0)
     assert not np.array_equal(positions[0], ld._epoch_positions())

@@ -117,7 +117,8 @@ class DaliLoader:
         self.num_samples = len(self._positions)
         self._pipe = None
         self._plans: Iterator | None = None
-        self._pending: deque = deque()  # (paths, labels) of batches fed to DALI and not yet returned, in order
+        self._pending: deque = deque()  # (batch, paths, labels) fed to DALI and not yet returned, in order
+        self._dirty = False  # an epoch was started and its pipeline state not yet reset
 
     def _epoch_positions(self) -> np.ndarray:
         c = self.cfg
@@ -233,7 +234,7 @@ class DaliLoader:
         return DatasetError(f"DALI failed on a batch of these images ({reason}):\n{listed}")
 
     def _drain(self) -> None:
-        """Finish an epoch the consumer left early, so the next one starts from an empty pipeline."""
+        """Finish an epoch the consumer left early (or after its last batch), so the next starts clean."""
         pipe = self._pipe
         self._plans = iter(())
         pipe.schedule_run()  # only marks the end of the epoch: there is nothing left to feed
@@ -241,17 +242,18 @@ class DaliLoader:
             pipe.outputs()
         pipe.reset()
         self._pending.clear()
+        self._dirty = False
 
     def __iter__(self) -> Iterator[Batch]:
         if self._pipe is None:
             self._pipe = self._build_pipeline()
-        elif not self._pipe.empty() or self._pending:
+            self._dirty = False
+        elif self._dirty:
             self._drain()
         pipe = self._pipe
-        self._pending.clear()
         self._iter_epoch = self._epoch
         self._plans = self._batch_plans(self._epoch, self._positions)
-        ok = False
+        self._dirty = True
         try:
             pipe.schedule_run()  # the first call prefetches prefetch_queue_depth batches
             while True:
@@ -265,9 +267,9 @@ class DaliLoader:
                 pipe.schedule_run()
                 yield self._to_batch(out, b, labels)
             pipe.reset()
-            ok = True
+            self._dirty = False
         finally:
-            if not ok and self._pipe is not None and (self._pending or not pipe.empty()):
+            if self._dirty and self._pipe is not None:  # left early, or failed
                 try:
                     self._drain()
                 except Exception:  # a failed pipeline is not reusable: rebuild it on the next epoch
