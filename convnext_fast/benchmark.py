@@ -309,7 +309,8 @@ def _config_dict(cfg: BenchConfig, num_images: int, num_classes: int) -> dict:
 def _notes(cfg: BenchConfig) -> list[str]:
     notes = [
         "Throughput: median over repeats of timed windows (device synchronized at both ends); [min-max] spread. "
-        "Warm-up excluded; compile_s = warm-up time beyond steady-state steps (compile + autotune).",
+        "Warm-up excluded; compile_s = warm-up time beyond steady-state steps (compile + autotune); inductor's "
+        "on-disk cache from an earlier run on the machine shortens it (TORCHINDUCTOR_FX_GRAPH_CACHE=0: cold).",
         "Step-only: Engine.train_step on one device-resident synthetic batch. Loop: the loader feeding the same "
         "step; the device is synchronized before each next(loader), so data-wait is time the device idled for data. "
         "At each size the step-only and loop measurements run interleaved (A B ... B A) in one group, so a noisy "

@@ -84,7 +84,7 @@ def forward_flops(model_name: str, num_classes: int, img_size: int) -> int:
 
 
 _ENV_KEYS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES",
-             "TORCHINDUCTOR_COMPILE_THREADS")
+             "TORCHINDUCTOR_COMPILE_THREADS", "TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_CACHE_DIR")
 
 
 def _version(*dists: str) -> str | None:

@@ -215,3 +215,15 @@ def test_engine_state_bytes_counts_weights_adam_moments_and_ema():
     params = sum(p.numel() for p in engine.model.parameters())
     # fp32 weights + exp_avg + exp_avg_sq + the EMA copy = 4 x 4 bytes per parameter (+ a few step counters).
     assert state_bytes(engine) == pytest.approx(16 * params, rel=0.01)
+
+
+def test_resolve_data_reads_the_train_split_when_there_is_one(tmp_path):
+    from convnext_fast.benchmark import resolve_data
+
+    (tmp_path / "flat" / "a").mkdir(parents=True)
+    (tmp_path / "split" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "split" / "val" / "a").mkdir(parents=True)
+    assert resolve_data(str(tmp_path / "flat")) == (tmp_path / "flat", "")
+    assert resolve_data(str(tmp_path / "split"))[0] == tmp_path / "split" / "train"
+    with pytest.raises(ValueError, match="not a directory"):
+        resolve_data(str(tmp_path / "missing"))
