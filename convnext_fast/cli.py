@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+# Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. Spinning threads steal the cores that
+# DALI's threads and DataLoader workers need; on a shared 2-core machine a CPU step measured 1388 ms spinning
+# vs 85 ms passive. GPU runs lose nothing (the host mostly waits on the device). An explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from convnext_fast import __version__
 

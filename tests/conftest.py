@@ -1,7 +1,10 @@
 import os
 
-import pytest
-import torch
+# Before torch loads OpenMP (see convnext_fast/cli.py): spinning OpenMP threads starve the loaders' threads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Tests are CPU-only and small; two cores are shared by torch and the loaders.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
