@@ -20,6 +20,9 @@ import argparse
 import datetime as dt
 import json
 import os
+
+# Before torch loads OpenMP, as the CLI does (convnext_fast/cli.py): spinning OpenMP threads starve DALI's threads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import statistics
 import sys
 import time

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 LOADERS = ("dali", "torchvision", "synthetic")
+CACHE_MODES = ("off", "auto", "device", "host")
 AMP_MODES = ("bf16", "fp16", "off")
 
 
@@ -60,6 +61,10 @@ class DataConfig:
     crop_pct: float = _f(0.875, "eval center-crop fraction: resize to img_size / crop_pct, then crop")
     num_workers: int | None = _f(None, "loader worker threads/processes; None = backend default")
     skip_bad: bool = _f(False, "exclude unreadable image files found by the preflight scan (listed in the log)")
+    cache: str = _f("off", "dali loader: decode every image once, keep the pixels, later epochs only augment: "
+                           "off | device | host | auto (device, else host, else off, by free memory)")
+    cache_size: int | None = _f(None, "cache images resized to fit NxN (aspect kept); None = as stored "
+                                      "(sizes must be alike: at most half the cache may be padding)")
 
 
 @dataclass
@@ -266,6 +271,8 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
     _check(0.0 < d.scale[0] <= d.scale[1] <= 1.0, source, "data.scale", d.scale, "0 < min <= max <= 1")
     _check(0.0 < d.crop_pct <= 1.0, source, "data.crop_pct", d.crop_pct, "in (0, 1]")
     _check(d.num_workers is None or d.num_workers >= 0, source, "data.num_workers", d.num_workers, ">= 0")
+    _check(d.cache in CACHE_MODES, source, "data.cache", d.cache, "one of " + ", ".join(CACHE_MODES))
+    _check(d.cache_size is None or d.cache_size >= 8, source, "data.cache_size", d.cache_size, ">= 8")
     _check(bool(m.name), source, "model.name", m.name, "a timm model name")
     _check(0.0 <= m.drop_path < 1.0, source, "model.drop_path", m.drop_path, "in [0, 1)")
     _check(o.lr is None or o.lr > 0, source, "optim.lr", o.lr, "> 0")

@@ -207,7 +207,8 @@ def _setup(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None) -> 
     train_index, val_index = resolve_data(cfg)
     classes, d, dev = train_index.classes, cfg.data, dist.device
     common = dict(img_size=d.img_size, backend=d.loader, device=dev, seed=cfg.run.seed, shard_id=dist.rank,
-                  num_shards=dist.world_size, num_workers=d.num_workers, crop_pct=d.crop_pct)
+                  num_shards=dist.world_size, num_workers=d.num_workers, crop_pct=d.crop_pct, cache=d.cache,
+                  cache_size=d.cache_size)
     train_loader = build_loader(train_index, train=True, batch_size=d.batch_size, scale=d.scale, hflip=d.hflip,
                                 randaugment=d.randaugment, reprob=d.reprob, **common)
     val_loader = build_loader(val_index, train=False, batch_size=d.eval_batch_size or 2 * d.batch_size, **common)

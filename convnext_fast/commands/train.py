@@ -60,6 +60,8 @@ FLAGS: dict[str, tuple[str, str, Any, str | None]] = {
     "--crop-pct": ("data", "crop_pct", _FLOAT, "F"),
     "--workers": ("data", "num_workers", _INT, "N"),
     "--skip-bad": ("data", "skip_bad", "bool", None),
+    "--cache": ("data", "cache", _text, "off|auto|device|host"),
+    "--cache-size": ("data", "cache_size", _optional(_INT), "PX|off"),
     "--model": ("model", "name", _text, "NAME"),
     "--drop-path": ("model", "drop_path", _FLOAT, "RATE"),
     "--lr": ("optim", "lr", _optional(_FLOAT), "LR|auto"),

@@ -78,7 +78,8 @@ class LoaderConfig:
     crop_pct: float = 0.875  # eval: resize shorter side to img_size / crop_pct, then center-crop img_size
     dtype: torch.dtype = torch.float32
     num_workers: int = 2  # DALI threads or DataLoader workers (0: DataLoader loads in the main process)
-    cache: str = "off"
+    cache: str = "off"  # decoded-image cache: off | auto | host | device (see convnext_fast.data.cache)
+    cache_size: int | None = None  # cache images resized to fit cache_size x cache_size; None = stored size
     extra: tuple[tuple[str, object], ...] = ()  # backend-specific options (backend_kwargs), sorted
 
     def option(self, name: str, default=None):
@@ -119,7 +120,7 @@ def default_num_workers() -> int:
 
 
 def _check_options(train: bool, img_size: int, batch_size: int, scale, ratio, hflip, randaugment, reprob,
-                   crop_pct, cache) -> None:
+                   crop_pct, cache, cache_size) -> None:
     if img_size < 8:
         raise ValueError(f"--img-size must be >= 8, got {img_size}")
     if batch_size < 1:
@@ -139,6 +140,8 @@ def _check_options(train: bool, img_size: int, batch_size: int, scale, ratio, hf
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
     if cache not in ("off", "auto", "host", "device"):
         raise ValueError(f"--cache must be one of off, auto, host, device; got {cache!r}")
+    if cache_size is not None and cache_size < 8:
+        raise ValueError(f"--cache-size must be >= 8 pixels, got {cache_size}")
 
 
 def build_loader(root: str | os.PathLike | ImageIndex | None, *, train: bool, img_size: int, batch_size: int,
@@ -147,18 +150,22 @@ def build_loader(root: str | os.PathLike | ImageIndex | None, *, train: bool, im
                  hflip: float = 0.5, randaugment: tuple[int, int] | None = (2, 9), reprob: float = 0.0,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct: float = 0.875,
                  dtype: torch.dtype = torch.float32, num_workers: int | None = None, skip_bad: bool = False,
-                 verify_images: bool = False, cache: str = "off", **backend_kwargs) -> Loader:
+                 verify_images: bool = False, cache: str = "off", cache_size: int | None = None,
+                 **backend_kwargs) -> Loader:
     """A loader over `root` (a class-folder directory or an `ImageIndex`) for one shard.
 
     train=True: random-resized-crop, resize to `img_size`, flip, RandAugment, optional random erasing,
     normalize; drops the last partial batch; reshuffles each epoch from (seed, epoch).
     train=False: resize to img_size / crop_pct, center-crop, normalize; every sample once across shards.
     `root=None` is allowed for backend "synthetic" only (pass num_classes=, num_samples=).
+    cache (dali backend): "off"; "device" | "host": decode every image once into one uint8 tensor on the device or
+    in pinned host memory, later epochs only augment; "auto": device, else host, else off by free memory.
+    cache_size=N caches images resized to fit NxN (aspect kept); None = stored size. Other backends ignore both.
     """
     if backend not in BACKENDS:
         raise ValueError(f"--loader {backend!r}: expected one of {', '.join(BACKENDS)}")
     _check_options(train, img_size, batch_size, tuple(scale), tuple(ratio), hflip, randaugment, reprob, crop_pct,
-                   cache)
+                   cache, cache_size)
     if root is None:
         if backend != "synthetic":
             raise ValueError(f"backend {backend!r} needs an image folder")
@@ -174,7 +181,7 @@ def build_loader(root: str | os.PathLike | ImageIndex | None, *, train: bool, im
         randaugment=None if randaugment is None else (int(randaugment[0]), int(randaugment[1])),
         reprob=float(reprob), mean=tuple(map(float, mean)), std=tuple(map(float, std)), crop_pct=float(crop_pct),
         dtype=dtype, num_workers=default_num_workers() if num_workers is None else int(num_workers), cache=cache,
-        extra=tuple(sorted(backend_kwargs.items())),
+        cache_size=None if cache_size is None else int(cache_size), extra=tuple(sorted(backend_kwargs.items())),
     )
     module_name, fn_name = BACKENDS[backend].split(":")
     return getattr(importlib.import_module(module_name), fn_name)(index, cfg)

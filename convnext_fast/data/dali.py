@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 from collections import deque
 from typing import Iterator
 
@@ -18,6 +19,9 @@ import numpy as np
 import torch
 
 from convnext_fast.data import Batch, DatasetError, ImageIndex, LoaderConfig, epoch_indices
+from convnext_fast.data import cache as C
+from convnext_fast.data.cache import DecodedCache
+from convnext_fast.distributed import print0
 from convnext_fast.data.dali_params import plan_eval_batch, plan_train_batch
 
 _RA_INPUTS = ("geom", "pad_h", "pad_w", "warp", "warp_size", "bc", "brightness", "contrast", "color", "saturation",
@@ -30,9 +34,10 @@ def _randaugment_on(cfg: LoaderConfig) -> bool:
     return cfg.train and cfg.randaugment is not None and cfg.randaugment[0] > 0
 
 
-def input_names(cfg: LoaderConfig) -> tuple[str, ...]:
-    """The per-sample host plans the pipeline for `cfg` reads (besides the encoded bytes)."""
-    return ("roi_start", "roi_end") + (_RA_INPUTS if _randaugment_on(cfg) else ())
+def input_names(cfg: LoaderConfig, cached: str | None = None) -> tuple[str, ...]:
+    """The per-sample host plans the pipeline for `cfg` reads (besides the encoded bytes or cached pixels)."""
+    sizes = ("cache_h", "cache_w") if cached == "padded" else ()
+    return sizes + ("roi_start", "roi_end") + (_RA_INPUTS if _randaugment_on(cfg) else ())
 
 
 def _train_augment(img, p: dict, dev: str):
@@ -70,17 +75,27 @@ def _train_augment(img, p: dict, dev: str):
     return img
 
 
-def _graph(cfg: LoaderConfig, dev: str):
-    """The pipeline body: encoded bytes + host plans in, normalized HWC images out."""
+def _graph(cfg: LoaderConfig, dev: str, cached: str | None = None):
+    """The pipeline body: encoded bytes (or decoded pixels) + host plans in, normalized HWC images out.
+
+    cached=None: "encoded" is fed and decoded here. cached="padded": "pixels" is fed, a dense [B, Hpad, Wpad, 3]
+    batch from the decoded cache (on the pipeline's device), cropped back to each image's "cache_hw";
+    cached="uniform": the same without the crop (every cached image fills the padded size).
+    """
     from nvidia.dali import fn, types
 
     # Every input is declared before the first conditional (an input made inside a branch would be split).
-    p = {name: fn.external_source(name=name) for name in input_names(cfg)}
-    jpegs = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-    decoder = {"device": "mixed", "hw_decoder_load": HW_DECODER_LOAD} if dev == "gpu" else {"device": "cpu"}
-    # adjust_orientation=False: torchvision's pil_loader ignores EXIF orientation too, and the host's crop
-    # plans use the stored (W, H).
-    img = fn.decoders.image(jpegs, output_type=types.RGB, adjust_orientation=False, **decoder)
+    p = {name: fn.external_source(name=name) for name in input_names(cfg, cached)}
+    if cached is None:
+        jpegs = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+        decoder = {"device": "mixed", "hw_decoder_load": HW_DECODER_LOAD} if dev == "gpu" else {"device": "cpu"}
+        # adjust_orientation=False: torchvision's pil_loader ignores EXIF orientation too, and the host's crop
+        # plans use the stored (W, H).
+        img = fn.decoders.image(jpegs, output_type=types.RGB, adjust_orientation=False, **decoder)
+    else:
+        img = fn.external_source(name="pixels", device=dev, dtype=types.UINT8, ndim=3, layout="HWC")
+        if cached == "padded":
+            img = fn.crop(img, crop_h=p["cache_h"], crop_w=p["cache_w"], crop_pos_x=0.0, crop_pos_y=0.0)
     S = cfg.img_size
     if _randaugment_on(cfg):
         if p["geom"]:
@@ -111,7 +126,9 @@ class DaliLoader:
         self._paths = [p for p, _ in index.samples]
         self._labels = np.asarray(index.targets, np.int64)
         self._sizes = np.full((len(self._paths), 2), -1, np.int64)  # (W, H) read from each file's header once
-        self._cache: dict[int, np.ndarray] | None = _make_cache(cfg, self._paths)
+        self._cache: DecodedCache | None = None  # decoded pixels (cfg.cache), built at the first epoch
+        self._cache_decided = cfg.cache == "off"
+        self.cache_info: dict | None = None  # what the cache decision was (for logs and benchmark records)
         self._epoch = 0
         self._positions = self._epoch_positions()
         self.num_samples = len(self._positions)
@@ -136,16 +153,11 @@ class DaliLoader:
 
     # -- host side: what each batch feeds ------------------------------------------------------------------
     def _read(self, pos: int) -> np.ndarray:
-        if self._cache is not None and pos in self._cache:
-            return self._cache[pos]
         path = self._paths[pos]
         try:
-            data = np.fromfile(path, dtype=np.uint8)
+            return np.fromfile(path, dtype=np.uint8)
         except OSError as e:
             raise DatasetError(f"cannot read image {path}: {e.strerror or e}") from e
-        if self._cache is not None:
-            self._cache[pos] = data
-        return data
 
     def _size(self, pos: int, data: np.ndarray) -> np.ndarray:
         if self._sizes[pos, 0] < 0:
@@ -160,25 +172,77 @@ class DaliLoader:
 
     def _batch_plans(self, epoch: int, positions: np.ndarray) -> Iterator[tuple]:
         c, B = self.cfg, self.cfg.batch_size
+        cache = self._cache
         for b in range(len(self)):
             pos = positions[b * B:(b + 1) * B]
-            encoded = [self._read(int(p)) for p in pos]
-            sizes = np.stack([self._size(int(p), d) for p, d in zip(pos, encoded)])
+            if cache is None:
+                encoded = [self._read(int(p)) for p in pos]
+                sizes = np.stack([self._size(int(p), d) for p, d in zip(pos, encoded)])
+                feed = {"encoded": encoded}
+            else:  # no file read, no decode: the pixels are gathered from the cache (on the cache's device)
+                sizes = cache.sizes_wh(pos)
+                feed = {"pixels": cache.gather(pos, c.device)}
+                if not cache.uniform:
+                    feed.update(cache_h=sizes[:, 1].astype(np.float32), cache_w=sizes[:, 0].astype(np.float32))
             if c.train:
                 rng = np.random.default_rng([c.seed, epoch, c.shard_id, b])
                 plan = plan_train_batch(rng, sizes, img_size=c.img_size, scale=c.scale, ratio=c.ratio,
                                         hflip=c.hflip, randaugment=c.randaugment)
             else:
                 plan = plan_eval_batch(sizes, img_size=c.img_size, crop_pct=c.crop_pct)
-            yield b, pos, encoded, plan
+            feed.update(plan)
+            yield b, pos, feed
 
     def _feed(self) -> None:
         """Pipeline.iter_setup: feed the next batch; StopIteration (from `next`) ends the epoch for DALI."""
-        b, pos, encoded, plan = next(self._plans)
-        self._pipe.feed_input("encoded", encoded)
-        for name in input_names(self.cfg):
-            self._pipe.feed_input(name, plan[name])
+        b, pos, feed = next(self._plans)
+        for name in input_names(self.cfg, self._cached_kind()) + ("encoded", "pixels"):
+            if name not in feed:
+                continue
+            data = feed[name]
+            if isinstance(data, torch.Tensor):
+                if data.is_cuda:  # ordered after the gather on torch's stream
+                    stream = torch.cuda.current_stream(data.device).cuda_stream
+                    self._pipe.feed_input(name, data, cuda_stream=stream)
+                    continue
+                data = data.numpy()
+            self._pipe.feed_input(name, data)
         self._pending.append((b, [self._paths[int(p)] for p in pos], self._labels[pos]))
+
+    # -- the decoded cache -------------------------------------------------------------------------------------
+    def _cached_kind(self) -> str | None:
+        if self._cache is None:
+            return None
+        return "uniform" if self._cache.uniform else "padded"
+
+    def _ensure_cache(self) -> None:
+        """First epoch with cfg.cache on: decide where the cache goes, then decode every image it holds once."""
+        if self._cache_decided:
+            return
+        c = self.cfg
+        # Train: any rank may need any image (epoch_indices re-deals a global permutation each epoch).
+        # Eval: this shard's block is the same every epoch.
+        positions = np.arange(len(self._paths)) if c.train else self._positions
+        plan = C.plan_cache(self._paths, positions, c.cache_size)
+        if len(positions) == 0:  # an empty eval shard
+            storage, why = "off", "no images on this shard"
+        elif c.cache_size is None and plan.padding > C.MAX_PADDING:
+            if c.cache != "auto":
+                raise C.padding_error(plan, self._paths)
+            storage, why = "off", f"image sizes differ ({plan.padding:.0%} padding; pass --cache-size)"
+        else:
+            storage, why = C.choose_storage(c.cache, plan.nbytes, c.device)
+        print0(f"convnext-fast: {C.describe(c.cache, storage, why, plan, c.train, c.device)}", flush=True)
+        self.cache_info = {"mode": c.cache, "storage": storage, "why": why, "images": len(positions),
+                           "padded_hw": list(plan.shape[1:3]), "bytes": plan.nbytes if storage != "off" else 0,
+                           "padding": round(plan.padding, 4), "bound": c.cache_size, "decode_s": None}
+        if storage != "off":
+            self._release_pipeline()  # the graph changes: pixels in instead of encoded bytes
+            start = time.perf_counter()
+            self._cache = C.build_cache(self._paths, plan, storage, c.device, batch_size=c.batch_size,
+                                        num_threads=max(1, c.num_workers))
+            self.cache_info["decode_s"] = round(time.perf_counter() - start, 3)
+        self._cache_decided = True
 
     # -- device side -----------------------------------------------------------------------------------------
     def _build_pipeline(self):
@@ -187,9 +251,11 @@ class DaliLoader:
         cfg = self.cfg
         dev = "gpu" if cfg.device.type == "cuda" else "cpu"
 
+        cached = self._cached_kind()
+
         @pipeline_def(enable_conditionals=True)
         def pipeline():
-            return _graph(cfg, dev)
+            return _graph(cfg, dev, cached)
 
         pipe = pipeline(batch_size=cfg.batch_size, num_threads=max(1, cfg.num_workers),
                         device_id=cfg.device.index if dev == "gpu" else None, seed=cfg.seed,
@@ -245,6 +311,7 @@ class DaliLoader:
         self._dirty = False
 
     def __iter__(self) -> Iterator[Batch]:
+        self._ensure_cache()
         if self._pipe is None:
             self._pipe = self._build_pipeline()
             self._dirty = False
@@ -262,6 +329,8 @@ class DaliLoader:
                 except StopIteration:
                     break
                 except (RuntimeError, IndexError, ValueError) as e:  # DALI reports decode failures this way
+                    if self._cache is not None:  # nothing is decoded from a cache: not a file's fault
+                        raise
                     raise self._decode_error(e) from None
                 b, _, labels = self._pending.popleft()
                 pipe.schedule_run()
@@ -273,13 +342,18 @@ class DaliLoader:
                 try:
                     self._drain()
                 except Exception:  # a failed pipeline is not reusable: rebuild it on the next epoch
-                    self.close()
+                    self._release_pipeline()
 
-    def close(self) -> None:
-        """Release the pipeline (its threads and buffers); iterating again rebuilds it."""
+    def _release_pipeline(self) -> None:
         self._pipe = None
         self._pending.clear()
         self._plans = None
+
+    def close(self) -> None:
+        """Release the pipeline (its threads and buffers) and the decoded cache; iterating again rebuilds both."""
+        self._release_pipeline()
+        self._cache = None
+        self._cache_decided = self.cfg.cache == "off"
 
 
 def random_erase(images: torch.Tensor, prob: float, rng: np.random.Generator) -> torch.Tensor:
@@ -315,20 +389,6 @@ def random_erase(images: torch.Tensor, prob: float, rng: np.random.Generator) ->
     images = images.clone()
     images[idx] = torch.where(mask.unsqueeze(1), noise, sel)
     return images.contiguous(memory_format=torch.channels_last)
-
-
-def _make_cache(cfg: LoaderConfig, paths: list[str]) -> dict[int, np.ndarray] | None:
-    """cache='host' keeps each encoded file in memory after its first read; 'auto' does so when the files fit
-    in 1 GiB. Decoding still runs every epoch (augmentation needs the pixels fresh)."""
-    import os
-
-    if cfg.cache == "off":
-        return None
-    if cfg.cache == "device":
-        raise ValueError("--cache device is not supported by the dali loader (use host or auto)")
-    if cfg.cache == "auto" and sum(os.path.getsize(p) for p in paths) > 1 << 30:
-        return None
-    return {}
 
 
 def build(index: ImageIndex, cfg: LoaderConfig) -> DaliLoader:
