@@ -59,15 +59,18 @@ def _summary_rows(doc: dict) -> list[list[str]]:
     for s in doc["summary"]:
         ep = s["epoch_time_s"]
         rows.append([str(s["img_size"]), x(s["loader_speedup_dali_vs_torchvision"]),
+                     x(s.get("loader_speedup_cached_vs_uncached")),
                      paired(s["step_speedup"], s.get("step_speedup_paired")),
                      paired(s["e2e_speedup"], s.get("e2e_speedup_paired")), _minutes(ep["baseline"]),
-                     _minutes(ep["fast"]), _num(s["pct_of_step_ceiling"]["fast"], ".0f", "%"),
+                     _minutes(ep["fast"]), _minutes(ep.get("fast-cached")),
+                     _num(s["pct_of_step_ceiling"]["fast"], ".0f", "%"),
                      s["limited_by"] or "-"])
     return rows
 
 
-_SUMMARY_HEADERS = ["size", "loader dali/torchvision", "step fast/baseline", "loop fast/baseline",
-                    "epoch baseline", "epoch fast", "fast loop % of step", "limited by"]
+_SUMMARY_HEADERS = ["size", "loader dali/torchvision", "loader cached/uncached", "step fast/baseline",
+                    "loop fast/baseline", "epoch baseline", "epoch fast", "epoch fast (cached)",
+                    "fast loop % of step", "limited by"]
 
 
 def _minutes(seconds: float | None) -> str:
@@ -188,9 +191,10 @@ def write_plot(doc: dict, path: str | os.PathLike) -> Path:
     sizes = [s["img_size"] for s in doc["summary"]]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     styles = {"loop": "-", "step": "--", "loader": ":"}
-    colours = {"baseline": "tab:red", "fast": "tab:blue", "torchvision": "tab:orange", "dali": "tab:green"}
-    for kind, name in (("loop", "baseline"), ("loop", "fast"), ("step", "baseline"), ("step", "fast"),
-                       ("loader", "torchvision"), ("loader", "dali")):
+    colours = {"baseline": "tab:red", "fast": "tab:blue", "torchvision": "tab:orange", "dali": "tab:green",
+               "fast-cached": "tab:purple", "dali-cached": "tab:olive"}
+    for kind, name in (("loop", "baseline"), ("loop", "fast"), ("loop", "fast-cached"), ("step", "baseline"),
+                       ("step", "fast"), ("loader", "torchvision"), ("loader", "dali"), ("loader", "dali-cached")):
         pts = [(r["img_size"], r) for r in doc["results"]
                if r["kind"] == kind and r["name"] == name and "error" not in r]
         if not pts:
@@ -208,10 +212,11 @@ def write_plot(doc: dict, path: str | os.PathLike) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(f"{doc['model']} on {_machine(doc)}", fontsize=9)
-    width = 0.38
-    for i, name in enumerate(("baseline", "fast")):
-        vals = [(s["epoch_time_s"][name] or 0) / 60 for s in doc["summary"]]
-        ax2.bar([k + (i - 0.5) * width for k in range(len(sizes))], vals, width, color=colours[name],
+    loops = [n for n in ("baseline", "fast", "fast-cached") if any(s["epoch_time_s"].get(n) for s in doc["summary"])]
+    width = 0.8 / max(1, len(loops))
+    for i, name in enumerate(loops):
+        vals = [(s["epoch_time_s"].get(name) or 0) / 60 for s in doc["summary"]]
+        ax2.bar([k + (i - (len(loops) - 1) / 2) * width for k in range(len(sizes))], vals, width, color=colours[name],
                 label=f"{name} loop")
     ax2.set_xticks(range(len(sizes)), [str(s) for s in sizes])
     ax2.set_xlabel("image size (px)")

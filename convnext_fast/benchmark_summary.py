@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import statistics
 
-__all__ = ["DATA_WAIT_LIMIT_PCT", "LOOPS", "summarize"]
+__all__ = ["CACHED_LOADER", "DATA_WAIT_LIMIT_PCT", "LOOPS", "LOOP_ENGINE", "summarize"]
 
 DATA_WAIT_LIMIT_PCT = 10.0  # above this share of the loop blocked in next(loader), the loader is the limit
-LOOPS = {"baseline": "torchvision", "fast": "dali"}  # end-to-end loop -> the loader it runs on
+CACHED_LOADER = "dali-cached"  # the dali backend with the decoded-image cache (cache="auto")
+# end-to-end loop -> the loader it runs on, and the engine (step) it runs
+LOOPS = {"baseline": "torchvision", "fast": "dali", "fast-cached": CACHED_LOADER}
+LOOP_ENGINE = {"baseline": "baseline", "fast": "fast", "fast-cached": "fast"}
 
 
 def _find(records: list[dict], kind: str, name: str, size: int) -> dict | None:
@@ -39,22 +42,25 @@ def _paired(a: dict | None, b: dict | None) -> dict | None:
 
 def summarize(records: list[dict], size: int, dataset_size: int, device_type: str) -> dict:
     """Speed-ups, projected epoch times and the verdict at one size, computed from the measured records."""
-    loader = {b: _find(records, "loader", b, size) for b in ("torchvision", "dali")}
-    step = {n: _find(records, "step", n, size) for n in LOOPS}
+    loader = {b: _find(records, "loader", b, size) for b in ("torchvision", "dali", CACHED_LOADER)}
+    step = {n: _find(records, "step", LOOP_ENGINE[n], size) for n in LOOPS}
     loop = {n: _find(records, "loop", n, size) for n in LOOPS}
+    names = [n for n in LOOPS if n != "fast-cached" or loop[n] is not None]  # the cached loop is optional
     out = {
         "img_size": size,
         "loader_speedup_dali_vs_torchvision": _ratio(loader["dali"], loader["torchvision"]),
+        "loader_speedup_cached_vs_uncached": _ratio(loader[CACHED_LOADER], loader["dali"]),
+        "e2e_speedup_cached_vs_uncached": _ratio(loop["fast-cached"], loop["fast"]),
         "step_speedup": _ratio(step["fast"], step["baseline"]),
         "step_speedup_paired": _paired(step["fast"], step["baseline"]),
         "e2e_speedup": _ratio(loop["fast"], loop["baseline"]),
         "e2e_speedup_paired": _paired(loop["fast"], loop["baseline"]),
-        "epoch_time_s": {n: (dataset_size / loop[n]["samples_per_sec"] if loop[n] else None) for n in LOOPS},
+        "epoch_time_s": {n: (dataset_size / loop[n]["samples_per_sec"] if loop[n] else None) for n in names},
         "epoch_time_s_range": {n: ([dataset_size / loop[n]["samples_per_sec_max"],
                                     dataset_size / loop[n]["samples_per_sec_min"]] if loop[n] else None)
-                               for n in LOOPS},
+                               for n in names},
         "pct_of_step_ceiling": {n: (100 * _ratio(loop[n], step[n]) if loop[n] and step[n] else None)
-                                for n in LOOPS},
+                                for n in names},
     }
     out["limited_by"], out["verdict"] = _verdict(loader["dali"], step["fast"], loop["fast"], device_type)
     return out

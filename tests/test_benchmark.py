@@ -46,7 +46,8 @@ def test_every_measurement_ran_with_timm_style_keys(quick):
     for size in (32, 48):
         names = {(r["kind"], r["name"]) for r in doc["results"] if r["img_size"] == size}
         assert {("loader", "dali"), ("loader", "torchvision"), ("loader", "synthetic"), ("step", "baseline"),
-                ("step", "fast"), ("loop", "baseline"), ("loop", "fast")} <= names
+                ("step", "fast"), ("loop", "baseline"), ("loop", "fast"), ("loader", "dali-cached"),
+                ("loop", "fast-cached")} <= names
     for r in doc["results"]:
         assert "error" not in r, r
         for key in TIMM_KEYS:
@@ -61,7 +62,12 @@ def test_every_measurement_ran_with_timm_style_keys(quick):
         assert r["param_count"] == pytest.approx(doc["param_count"]) and r["loss_finite"]
     for r in _records(doc, "loop"):
         assert 0 <= r["data_wait_pct"] <= 100
-        assert r["loader"] == {"baseline": "torchvision", "fast": "dali"}[r["name"]]
+        assert r["loader"] == {"baseline": "torchvision", "fast": "dali", "fast-cached": "dali-cached"}[r["name"]]
+    for r in _records(doc, "loader"):
+        # The cached loader really ran from a cache: the decode pass happened and the memory is accounted.
+        if r["name"] == "dali-cached":
+            info = r["cache_info"]
+            assert info["storage"] in ("host", "device") and info["bytes"] > 0 and info["decode_s"] > 0
 
 
 def test_steps_are_the_engine_baseline_and_fast_configurations(quick):
@@ -92,6 +98,9 @@ def test_speedups_and_epoch_times_are_computed_from_the_measurements(quick):
         assert s["loader_speedup_dali_vs_torchvision"] == pytest.approx(
             ips("loader", "dali", size) / ips("loader", "torchvision", size))
         assert s["epoch_time_s"]["fast"] == pytest.approx(1000 / ips("loop", "fast", size))
+        assert s["loader_speedup_cached_vs_uncached"] == pytest.approx(
+            ips("loader", "dali-cached", size) / ips("loader", "dali", size))
+        assert s["epoch_time_s"]["fast-cached"] == pytest.approx(1000 / ips("loop", "fast-cached", size))
         assert s["pct_of_step_ceiling"]["fast"] == pytest.approx(
             100 * ips("loop", "fast", size) / ips("step", "fast", size))
         assert s["limited_by"] in ("loader", "model") and f"{s['pct_of_step_ceiling']['fast']:.0f}%" in s["verdict"]

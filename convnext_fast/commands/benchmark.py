@@ -18,7 +18,8 @@ from pathlib import Path
 from convnext_fast.data import BACKENDS, default_num_workers, resolve_device
 
 DEFAULT_SIZES = (128, 176, 192)
-DEFAULT_LOADERS = ("dali", "torchvision", "synthetic")
+DEFAULT_LOADERS = ("dali", "torchvision", "synthetic", "dali-cached")
+LOADER_NAMES = (*BACKENDS, "dali-cached")  # dali-cached: the dali backend with --cache auto (decode once)
 QUICK = {"model": "convnext_atto", "sizes": (32, 48), "batch_size": 8, "steps": 2, "warmup": 1, "repeats": 2}
 PER_DEVICE = {  # (batch_size, steps, warmup) when not given
     "cuda": (128, 50, 10),
@@ -32,8 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="image folder (class folders, or train/ and val/); default: the built-in demo dataset")
     parser.add_argument("--sizes", default=None, help="image sizes, comma-separated (default 128,176,192)")
     parser.add_argument("--loaders", default=None,
-                        help=f"loader backends to measure, comma-separated from {','.join(BACKENDS)} (default all); "
-                             "the baseline loop needs torchvision, the fast loop dali")
+                        help=f"loaders to measure, comma-separated from {','.join(LOADER_NAMES)} (default all); "
+                             "the baseline loop needs torchvision, the fast loop dali, the cached fast loop "
+                             "dali-cached (the dali loader with the decoded-image cache)")
     parser.add_argument("--model", default=None, help="timm model name (default convnext_tiny)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per step (default 128 CUDA, 16 CPU)")
     parser.add_argument("--device", default=None, help="cuda | cuda:N | cpu (default cuda when available)")
@@ -91,9 +93,9 @@ def build_config(args: argparse.Namespace):
     batch, steps, warmup = PER_DEVICE[device.type]
     sizes = _int_list("--sizes", args.sizes, 32) if args.sizes else quick.get("sizes", DEFAULT_SIZES)
     loaders = tuple(args.loaders.split(",")) if args.loaders else DEFAULT_LOADERS
-    bad = [b for b in loaders if b not in BACKENDS]
+    bad = [b for b in loaders if b not in LOADER_NAMES]
     if bad or len(set(loaders)) != len(loaders):
-        raise ValueError(f"--loaders {args.loaders!r}: expected distinct names from {', '.join(BACKENDS)}")
+        raise ValueError(f"--loaders {args.loaders!r}: expected distinct names from {', '.join(LOADER_NAMES)}")
     for flag, value in (("--batch-size", args.batch_size), ("--steps", args.steps),
                         ("--loader-steps", args.loader_steps), ("--warmup", args.warmup),
                         ("--repeats", args.repeats), ("--dataset-size", args.dataset_size),
