@@ -50,6 +50,27 @@ def test_same_seed_same_initial_weights_and_no_mixup_targets_are_hard():
     assert plain.mixup is None and plain.ema is None
 
 
+@pytest.mark.parametrize("foreach", [True, False])
+def test_ema_follows_the_warmup_formula(foreach):
+    """ema_t = d_t * ema_(t-1) + (1 - d_t) * w_t with timm's warmup d_t = min(decay, 1 - (1 + t - 1)^(-2/3)),
+    d_1 = 0 (the first update copies the weights); foreach and per-tensor updates agree."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
+    speed = dataclasses.replace(CPU_FAST, ema=foreach, channels_last=False)
+    eng = build_engine("tiny", 3, device="cpu", speed=speed, model=model, lr=0.1,
+                       recipe=RecipeConfig(smoothing=0.0, model_ema=True, model_ema_decay=0.5))
+    expected = None
+    for t in range(1, 6):
+        eng.train_step(*batch(size=4, seed=t))
+        w = model[1].weight.detach().clone()
+        d = 0.0 if t == 1 else min(0.5, 1 - (1 + (t - 1)) ** (-2 / 3))
+        expected = w if expected is None else d * expected + (1 - d) * w
+        assert torch.allclose(eng.ema.module[1].weight, expected, atol=1e-6), t
+    assert not torch.allclose(expected, model[1].weight)  # the decay > 0 steps really averaged
+
+
 def test_eval_logits_tta_is_mean_of_image_and_mirror():
     eng = engine(CPU_FAST)
     images, _ = batch()
