@@ -1,9 +1,15 @@
 """Procedural demo dataset: a small image folder that a ConvNeXt learns in minutes on a CPU.
 
-Each class is a (shape, colour) pair, e.g. ``star_red``: seven shapes times three colours gives the
-default 21 classes. Every image puts one shape of that class on a textured, desaturated background at a
-random position, scale and rotation, with hue/brightness jitter, a few grey distractor strokes, blur and
-noise, so neither colour nor shape alone names the class and the task is learnable but not trivial.
+Each class is a pair of colours, e.g. ``red_blue``: every image shows two objects, one in each colour of its
+class, on a textured, desaturated background. Each colour appears in six of the 21 classes, so the model must
+find both colours; the objects' shapes (circle, star, cross, ...), sizes, positions and rotations are random
+nuisances, with hue/brightness jitter, grey distractor strokes, blur and noise on top.
+
+Why colour pairs and not shapes: a from-scratch ConvNeXt-atto on two CPU cores gets ~1.3k optimizer steps
+(batch 32, 48 px) in the demo's five minutes, and in that budget it learns colour but not shape or texture
+(measured at 48-64 px: three shapes stayed near 60% and three fill patterns near 50%, chance 33%, while a
+small BatchNorm CNN learned the patterns in a few epochs). Colour pairs keep the task learnable in budget yet
+not trivial: about 17% after the first epoch, above 90% after about seven.
 
 Nothing is downloaded. Output is byte-for-byte reproducible: every image draws from its own RNG seeded by
 ``(seed, split, class, index)``, JPEGs are written with a fixed quality and no metadata, and the file names
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import colorsys
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -26,14 +33,16 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 # Bump when the drawing changes, so cached datasets built by an older generator are not reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 JPEG_QUALITY = 90
-SHAPES = ("circle", "ring", "crescent", "square", "triangle", "star", "cross")
-# Hue centres 60 degrees apart; the per-image jitter (+-15 degrees) keeps neighbours apart.
-COLOURS = {"red": 0.0, "green": 120.0, "blue": 240.0, "yellow": 60.0, "cyan": 180.0, "magenta": 300.0}
-MAX_CLASSES = len(SHAPES) * len(COLOURS)
+# Hue centres about 50 degrees apart; the per-image jitter (+-8 degrees) keeps neighbours apart.
+COLOURS = {"red": 0.0, "yellow": 55.0, "green": 110.0, "teal": 165.0, "blue": 220.0, "purple": 270.0,
+           "pink": 320.0}
+PAIRS = tuple(itertools.combinations(COLOURS, 2))  # the classes: 21 unordered pairs of distinct colours
+SHAPES = ("circle", "ring", "crescent", "square", "triangle", "star", "cross")  # nuisance, not the class
+MAX_CLASSES = len(PAIRS)
 DEFAULT_NUM_CLASSES = 21
-DEFAULT_TRAIN_PER_CLASS = 120
+DEFAULT_TRAIN_PER_CLASS = 200
 DEFAULT_VAL_PER_CLASS = 30
 DEFAULT_SIZE = 128
 _SPLITS = {"train": 0, "val": 1}
@@ -41,10 +50,9 @@ _SUPERSAMPLE = 2  # masks are drawn at 2x and downsampled, for anti-aliased edge
 
 
 def class_names(num_classes: int = DEFAULT_NUM_CLASSES) -> list[str]:
-    """The first ``num_classes`` class names: every shape in red, then in green, then blue, ..."""
+    """The first ``num_classes`` class names: ``red_yellow``, ``red_green``, ..., ``purple_pink``."""
     _check_range("num_classes", num_classes, 2, MAX_CLASSES)
-    colours = list(COLOURS)
-    return [f"{SHAPES[k % len(SHAPES)]}_{colours[k // len(SHAPES)]}" for k in range(num_classes)]
+    return [f"{a}_{b}" for a, b in PAIRS[:num_classes]]
 
 
 def _check_range(name: str, value: int, lo: int, hi: int | None = None) -> None:
@@ -53,13 +61,10 @@ def _check_range(name: str, value: int, lo: int, hi: int | None = None) -> None:
         raise ValueError(f"demo dataset: {name} must be an integer {bound}, got {value!r}")
 
 
-def _shape_mask(shape: str, rng: np.random.Generator, canvas: int) -> Image.Image:
-    """An 'L' mask (255 inside) of one shape at a random position, scale and rotation."""
+def _shape_mask(shape: str, rng: np.random.Generator, canvas: int, r: float, cx: float, cy: float) -> Image.Image:
+    """An 'L' mask (255 inside) of one shape of radius ``r`` centred at (cx, cy), randomly rotated."""
     mask = Image.new("L", (canvas, canvas), 0)
     draw = ImageDraw.Draw(mask)
-    r = canvas * rng.uniform(0.17, 0.34)
-    # Keep most of the shape inside the frame: the centre stays at least 0.7 r from the border.
-    cx, cy = rng.uniform(0.7 * r, canvas - 0.7 * r, size=2)
     theta = rng.uniform(0, 2 * np.pi)
 
     def poly(radii: np.ndarray, angles: np.ndarray) -> list[tuple[float, float]]:
@@ -114,7 +119,22 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return base + grad + texture
 
 
-def _draw_image(shape: str, hue: float, rng: np.random.Generator, size: int) -> Image.Image:
+def _placements(rng: np.random.Generator, canvas: int) -> list[tuple[float, float, float]]:
+    """(radius, cx, cy) of the two objects: inside the central area, overlapping at most a little."""
+    for _ in range(20):
+        out = []
+        for _ in range(2):
+            r = canvas * rng.uniform(0.12, 0.24)
+            # Centres in the middle 60%: an eval center crop or a moderate random crop keeps both objects.
+            cx, cy = rng.uniform(0.2 * canvas, 0.8 * canvas, size=2)
+            out.append((r, cx, cy))
+        (r1, x1, y1), (r2, x2, y2) = out
+        if np.hypot(x1 - x2, y1 - y2) > 0.8 * (r1 + r2):
+            return out
+    return out  # rare: accept an overlap (the top object still shows its colour)
+
+
+def _draw_image(hues: tuple[float, float], rng: np.random.Generator, size: int) -> Image.Image:
     img = _background(rng, size)
     canvas = size * _SUPERSAMPLE
     # Distractors: grey strokes (no hue, so they never look like another class's colour).
@@ -126,11 +146,14 @@ def _draw_image(shape: str, hue: float, rng: np.random.Generator, size: int) -> 
     smask = np.asarray(strokes.resize((size, size), Image.BOX), dtype=np.float32)[..., None] / 255.0
     img = img * (1 - smask) + smask * rng.uniform(20, 235)
 
-    mask = np.asarray(_shape_mask(shape, rng, canvas).resize((size, size), Image.BOX),
-                      dtype=np.float32)[..., None] / 255.0
-    colour = _rgb(hue + rng.uniform(-15, 15), rng.uniform(0.6, 1.0), rng.uniform(0.55, 1.0))
-    shading = 1.0 + 0.15 * _smooth_noise(rng, size, int(rng.integers(2, 6)))[..., None]
-    img = img * (1 - mask) + mask * colour * shading
+    order = rng.permutation(2)  # which colour is drawn on top when the objects overlap
+    for (r, cx, cy), hue in zip(_placements(rng, canvas), (hues[order[0]], hues[order[1]])):
+        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        mask = np.asarray(_shape_mask(shape, rng, canvas, r, cx, cy).resize((size, size), Image.BOX),
+                          dtype=np.float32)[..., None] / 255.0
+        colour = _rgb(hue + rng.uniform(-8, 8), rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0))
+        shading = 1.0 + 0.15 * _smooth_noise(rng, size, int(rng.integers(2, 6)))[..., None]
+        img = img * (1 - mask) + mask * colour * shading
 
     img = img + rng.normal(0.0, rng.uniform(2, 14), size=img.shape).astype(np.float32)
     out = Image.fromarray(np.clip(img, 0, 255).round().astype(np.uint8), mode="RGB")
@@ -139,14 +162,13 @@ def _draw_image(shape: str, hue: float, rng: np.random.Generator, size: int) -> 
 
 
 def _write_split(root: Path, split: str, names: list[str], per_class: int, size: int, seed: int) -> None:
-    colours = list(COLOURS)
     for k, name in enumerate(names):
-        shape, colour = SHAPES[k % len(SHAPES)], colours[k // len(SHAPES)]
+        hues = (COLOURS[PAIRS[k][0]], COLOURS[PAIRS[k][1]])
         cls_dir = root / split / name
         cls_dir.mkdir(parents=True)
         for i in range(per_class):
             rng = np.random.default_rng([seed, _SPLITS[split], k, i])
-            img = _draw_image(shape, COLOURS[colour], rng, size)
+            img = _draw_image(hues, rng, size)
             # Fixed quality, no EXIF/ICC, no optimize pass: the bytes depend only on the pixels.
             img.save(cls_dir / f"{name}_{i:04d}.jpg", format="JPEG", quality=JPEG_QUALITY)
 
