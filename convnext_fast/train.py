@@ -31,7 +31,7 @@ import torch
 from convnext_fast import checkpoint as ckpt_io
 from convnext_fast.config import TrainConfig
 from convnext_fast.data import ImageIndex, build_loader, scan_folder, stratified_split
-from convnext_fast.distributed import (DistInfo, all_reduce_sum, destroy_distributed, init_distributed,
+from convnext_fast.distributed import (DistInfo, all_reduce_sum, destroy_distributed, init_distributed, print0,
                                       replica_digests)
 from convnext_fast.engine import Engine, build_engine
 from convnext_fast.evaluate import evaluate
@@ -96,8 +96,9 @@ def resolve_data(cfg: TrainConfig) -> tuple[ImageIndex, ImageIndex]:
     """(train, val) image indexes: DATA/train + DATA/val, or DATA split with --val-split, or the demo dataset."""
     path = cfg.data.path
     if path is None:
-        from convnext_fast.data.demo import ensure_demo_dataset
+        from convnext_fast.data.demo import default_cache_dir, ensure_demo_dataset
 
+        print0(f"no DATA given: the demo dataset (built once, cached under {default_cache_dir()})", flush=True)
         path = str(ensure_demo_dataset())
     root = Path(path)
     if not root.is_dir():
