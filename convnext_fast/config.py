@@ -60,7 +60,8 @@ class DataConfig:
     scale: tuple[float, float] = _f((0.08, 1.0), "random-resized-crop area range")
     crop_pct: float = _f(0.875, "eval center-crop fraction: resize to img_size / crop_pct, then crop")
     num_workers: int | None = _f(None, "loader worker threads/processes; None = backend default")
-    skip_bad: bool = _f(False, "exclude unreadable image files found by the preflight scan (listed in the log)")
+    skip_bad: bool = _f(False, "exclude bad image files found by the preflight scan (their number is logged)")
+    verify_images: bool = _f(False, "preflight also decodes every image (slower); the cheap checks always run")
     cache: str = _f("off", "dali loader: decode every image once, keep the pixels, later epochs only augment: "
                            "off | device | host | auto (device, else host, else off, by free memory)")
     cache_size: int | None = _f(None, "cache images resized to fit NxN (aspect kept); None = as stored "

@@ -31,8 +31,8 @@ import torch
 from convnext_fast import checkpoint as ckpt_io
 from convnext_fast.config import TrainConfig
 from convnext_fast.data import ImageIndex, build_loader, scan_folder, stratified_split
-from convnext_fast.distributed import (DistInfo, all_reduce_sum, destroy_distributed, init_distributed, print0,
-                                      replica_digests)
+from convnext_fast.distributed import (DistInfo, all_gather_object, all_reduce_sum, destroy_distributed,
+                                      init_distributed, print0, replica_digests)
 from convnext_fast.engine import Engine, build_engine
 from convnext_fast.evaluate import evaluate
 from convnext_fast.model import check_model_name
@@ -109,8 +109,8 @@ def resolve_data(cfg: TrainConfig) -> tuple[ImageIndex, ImageIndex]:
             raise ValueError(f"DATA {root} has train/ (and val/); --val-split applies to a folder of classes only")
         if not (root / "val").is_dir():
             raise ValueError(f"DATA {root} has train/ but no val/ folder (or pass the class folders with --val-split)")
-        train_index = scan_folder(root / "train", skip_bad=d.skip_bad)
-        val_index = scan_folder(root / "val", skip_bad=d.skip_bad)
+        train_index = _scan(root / "train", d)
+        val_index = _scan(root / "val", d)
         if val_index.classes != train_index.classes:
             only_train = sorted(set(train_index.classes) - set(val_index.classes))
             only_val = sorted(set(val_index.classes) - set(train_index.classes))
@@ -122,7 +122,16 @@ def resolve_data(cfg: TrainConfig) -> tuple[ImageIndex, ImageIndex]:
             scan_folder(root)  # raises its "no class folders" DatasetError
         raise ValueError(f"DATA {root} has no train/ and val/ folders; pass --val-split FRACTION to hold out part "
                          f"of each class folder for validation")
-    return stratified_split(scan_folder(root, skip_bad=d.skip_bad), d.val_split, seed=cfg.run.seed)
+    return stratified_split(_scan(root, d), d.val_split, seed=cfg.run.seed)
+
+
+def _scan(folder: Path, d) -> ImageIndex:
+    """Index + preflight of one class-folder tree; says how many bad files --skip-bad-files left out."""
+    index = scan_folder(folder, skip_bad=d.skip_bad, verify_images=d.verify_images)
+    if index.skipped:
+        print0(f"{folder}: skipped {len(index.skipped)} bad image file(s) (--skip-bad-files), e.g. "
+               f"{index.skipped[0]}", flush=True)
+    return index
 
 
 def default_run_dir(name: str | None) -> Path:
@@ -201,6 +210,7 @@ def _setup(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None) -> 
     torch.backends.cudnn.benchmark = not cfg.run.deterministic  # static shapes: autotune convs once
     torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul left on Ampere+ (no effect on CPU)
     run_dir = Path(cfg.run.out) if cfg.run.out else default_run_dir(cfg.run.name)
+    run_dir = Path(all_gather_object(str(run_dir))[0])  # rank 0's name: the timestamps of ranks may differ
     if not resume and (run_dir / "checkpoints" / "last.pt").exists():
         raise ValueError(f"--out {run_dir} already holds a run; continue it with --resume {run_dir} or choose "
                          f"another --out")
@@ -396,6 +406,9 @@ def _finish(cfg: TrainConfig, run_dir: Path, state: LoopState, reporter: RunRepo
     # Every rank's digest of its weights (collective): DDP keeps replicas equal only if every rank applied the
     # same updates from the same start, so equal digests are the end-of-run proof.
     summary["replica_digests"] = replica_digests(engine.model.state_dict())
+    if dist.is_main and len(set(summary["replica_digests"])) > 1:
+        progress.log("warning: the model replicas differ across ranks at the end of training "
+                     f"(digests {summary['replica_digests']}); rank 0's weights were saved")
     if dist.is_main:
         reporter.write_summary(summary)
         reporter.make_plots(rows, state.best_eval.get("per_class_acc"), state.best_eval.get("confusion"))

@@ -234,3 +234,38 @@ def test_gpu_defaults_compile_once_and_resume(data, tmp_path):
     assert [r["epoch"] for r in rows(out)] == [1, 2, 3]
     assert all(math.isfinite(r["train_loss"]) for r in rows(out))
     assert not any(k.startswith("_orig_mod") for k in load_weights(out / "model.safetensors")[0])
+
+
+def test_bad_files_stop_before_training_unless_skipped(data, tmp_path, capsys):
+    """A corrupt file is named before any work; --skip-bad-files trains without it and says how many it left out;
+    --verify-images catches a file that only a full decode shows is broken."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(data, root)
+    (root / "train" / "red" / "zz_not_an_image.jpg").write_text("not a jpeg")
+    out = tmp_path / "run"
+    fast = ["--epochs", "1", "--no-model-ema", "--no-tta", "--mixup", "0", "--cutmix", "0"]
+    assert main(["train", str(root), "--out", str(out), *FLAGS, *fast]) == 2
+    err = capsys.readouterr().err
+    assert "zz_not_an_image.jpg" in err and "--skip-bad-files" in err
+    assert not out.exists()  # nothing written: the preflight runs before any work
+    assert main(["train", str(root), "--out", str(out), *FLAGS, *fast, "--skip-bad-files"]) == 0
+    assert "skipped 1 bad image file(s)" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["resolved"]["num_train"] == 24
+
+    # A JPEG whose middle is garbage still has its markers: only decoding finds it.
+    victim = root / "val" / "blue" / "0.jpg"
+    raw = bytearray(victim.read_bytes())
+    raw[200:-10] = b"\xff\x00" * ((len(raw) - 210) // 2) + b"\x00" * ((len(raw) - 210) % 2)
+    raw[2:4] = b"\xff\xd9"  # an end-of-image right after the start: the decoder gets no frame
+    victim.write_bytes(bytes(raw))
+    (root / "train" / "red" / "zz_not_an_image.jpg").unlink()
+    from convnext_fast.data.index import cheap_check
+
+    assert cheap_check(str(victim)) is None  # the cheap checks pass it
+    out2 = tmp_path / "run2"
+    assert main(["train", str(root), "--out", str(out2), *FLAGS, *fast, "--verify-images"]) == 2
+    err = capsys.readouterr().err
+    assert "0.jpg" in err and "cannot decode" in err
+    assert not out2.exists()  # caught by the preflight, before any work

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -59,7 +60,8 @@ FLAGS: dict[str, tuple[str, str, Any, str | None]] = {
     "--hflip": ("data", "hflip", _FLOAT, "P"),
     "--crop-pct": ("data", "crop_pct", _FLOAT, "F"),
     "--workers": ("data", "num_workers", _INT, "N"),
-    "--skip-bad": ("data", "skip_bad", "bool", None),
+    "--skip-bad-files": ("data", "skip_bad", "bool", None),
+    "--verify-images": ("data", "verify_images", "bool", None),
     "--cache": ("data", "cache", _text, "off|auto|device|host"),
     "--cache-size": ("data", "cache_size", _optional(_INT), "PX|off"),
     "--model": ("model", "name", _text, "NAME"),
@@ -167,7 +169,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         train(cfg, resume=resume)
     except Interrupted as e:
-        print(f"convnext-fast train: {e}", file=sys.stderr)
+        # Rank 0 alone reports (the process group is already gone here, so ask the launcher's environment).
+        if os.environ.get("RANK", "0") == "0":
+            print(f"convnext-fast train: {e}", file=sys.stderr)
         return e.exit_code
     except TrainingError as e:
         print(f"convnext-fast train: error: {e}", file=sys.stderr)
