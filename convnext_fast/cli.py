@@ -35,9 +35,16 @@ def _command_from_argv(argv: list[str]) -> str | None:
     return None
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad flag is one line (`convnext-fast train: error: ...`) and exit code 2; `-h` shows the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser; only the `only` sub-command's module is imported (the others get a stub parser)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="convnext-fast",
         description="Fast from-scratch ConvNeXt training on image folders: DALI loaders, compiled AMP loop.",
     )
