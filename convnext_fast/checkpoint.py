@@ -89,7 +89,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     """Restore :func:`rng_state` output (CUDA states only when the device count matches)."""
     random.setstate(_to_tuple(state["python"]))
     n = state["numpy"]
-    np.random.set_state((n["key"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+    np.random.set_state((n["key"], n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
     torch.set_rng_state(state["torch"].cpu())
     cuda = state.get("cuda") or []
@@ -115,6 +115,7 @@ def atomic_link(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     except OSError:
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
+    _fsync_dir(dst.parent)
     return dst
 
 
@@ -138,6 +139,7 @@ def export_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathL
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
     return path

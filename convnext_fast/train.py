@@ -240,7 +240,8 @@ def _setup(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None) -> 
             "crop_pct": d.crop_pct, "config": cfg.to_dict()}
     state = LoopState()
     if resume:
-        ckpt = ckpt_io.load_checkpoint(run_dir / "checkpoints" / "last.pt", map_location=dev)
+        # On the host: load_state_dict copies weights and optimizer state to the device; RNG states stay host-side.
+        ckpt = ckpt_io.load_checkpoint(run_dir / "checkpoints" / "last.pt", map_location="cpu")
         if ckpt["meta"]["classes"] != classes:
             raise ValueError(f"--resume {run_dir}: the checkpoint's classes differ from DATA's classes")
         if len(ckpt["rng"]) != dist.world_size:  # the shards, global batch and lr would all change

@@ -358,7 +358,8 @@ class DaliLoader:
 
 def random_erase(images: torch.Tensor, prob: float, rng: np.random.Generator) -> torch.Tensor:
     """timm's RandomErasing (mode 'pixel', one box) for a whole batch: per-sample boxes drawn on the host,
-    filled with standard-normal noise (the normalized space) from a generator seeded by the same draw."""
+    filled with standard-normal noise (the normalized space) from a generator seeded by the same draw.
+    Modifies `images` in place and returns it."""
     n, _, H, W = images.shape
     erase = rng.random(n) < prob
     area = H * W * rng.uniform(0.02, 1 / 3, (n, 10))
@@ -386,9 +387,9 @@ def random_erase(images: torch.Tensor, prob: float, rng: np.random.Generator) ->
     noise = torch.randn((len(mask), 3, H, W), generator=gen, device=dev, dtype=images.dtype)
     idx = torch.from_numpy(np.flatnonzero(erase)).to(dev)
     sel = images.index_select(0, idx)
-    images = images.clone()
-    images[idx] = torch.where(mask.unsqueeze(1), noise, sel)
-    return images.contiguous(memory_format=torch.channels_last)
+    # In place: the caller's batch tensor is freshly made for this batch (no full-batch copy per step).
+    images.index_copy_(0, idx, torch.where(mask.unsqueeze(1), noise, sel))
+    return images
 
 
 def build(index: ImageIndex, cfg: LoaderConfig) -> DaliLoader:
