@@ -30,7 +30,8 @@ import torch
 
 from convnext_fast import checkpoint as ckpt_io
 from convnext_fast.config import TrainConfig
-from convnext_fast.data import ImageIndex, build_loader, scan_folder, stratified_split
+from convnext_fast.data import build_loader
+from convnext_fast.data.splits import resolve_train_val
 from convnext_fast.distributed import (DistInfo, all_gather_object, all_reduce_sum, destroy_distributed,
                                       init_distributed, print0, replica_digests)
 from convnext_fast.engine import Engine, build_engine
@@ -90,48 +91,6 @@ class _StopRequest:
     def restore(self) -> None:
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
-
-
-def resolve_data(cfg: TrainConfig) -> tuple[ImageIndex, ImageIndex]:
-    """(train, val) image indexes: DATA/train + DATA/val, or DATA split with --val-split, or the demo dataset."""
-    path = cfg.data.path
-    if path is None:
-        from convnext_fast.data.demo import default_cache_dir, ensure_demo_dataset
-
-        print0(f"no DATA given: the demo dataset (built once, cached under {default_cache_dir()})", flush=True)
-        path = str(ensure_demo_dataset())
-    root = Path(path)
-    if not root.is_dir():
-        raise ValueError(f"DATA {root}: no such directory")
-    d = cfg.data
-    if (root / "train").is_dir():
-        if d.val_split is not None:
-            raise ValueError(f"DATA {root} has train/ (and val/); --val-split applies to a folder of classes only")
-        if not (root / "val").is_dir():
-            raise ValueError(f"DATA {root} has train/ but no val/ folder (or pass the class folders with --val-split)")
-        train_index = _scan(root / "train", d)
-        val_index = _scan(root / "val", d)
-        if val_index.classes != train_index.classes:
-            only_train = sorted(set(train_index.classes) - set(val_index.classes))
-            only_val = sorted(set(val_index.classes) - set(train_index.classes))
-            raise ValueError(f"DATA {root}: train/ and val/ have different classes (only in train: {only_train[:5]}, "
-                             f"only in val: {only_val[:5]})")
-        return train_index, val_index
-    if d.val_split is None:
-        if not any(p.is_dir() for p in root.iterdir()):
-            scan_folder(root)  # raises its "no class folders" DatasetError
-        raise ValueError(f"DATA {root} has no train/ and val/ folders; pass --val-split FRACTION to hold out part "
-                         f"of each class folder for validation")
-    return stratified_split(_scan(root, d), d.val_split, seed=cfg.run.seed)
-
-
-def _scan(folder: Path, d) -> ImageIndex:
-    """Index + preflight of one class-folder tree; says how many bad files --skip-bad-files left out."""
-    index = scan_folder(folder, skip_bad=d.skip_bad, verify_images=d.verify_images)
-    if index.skipped:
-        print0(f"{folder}: skipped {len(index.skipped)} bad image file(s) (--skip-bad-files), e.g. "
-               f"{index.skipped[0]}", flush=True)
-    return index
 
 
 def default_run_dir(name: str | None) -> Path:
@@ -215,7 +174,7 @@ def _setup(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None) -> 
         raise ValueError(f"--out {run_dir} already holds a run; continue it with --resume {run_dir} or choose "
                          f"another --out")
     check_model_name(cfg.model.name)  # fail before scanning a large dataset
-    train_index, val_index = resolve_data(cfg)
+    train_index, val_index = resolve_train_val(cfg.data, seed=cfg.run.seed)
     classes, d, dev = train_index.classes, cfg.data, dist.device
     common = dict(img_size=d.img_size, backend=d.loader, device=dev, seed=cfg.run.seed, shard_id=dist.rank,
                   num_shards=dist.world_size, num_workers=d.num_workers, crop_pct=d.crop_pct, cache=d.cache,
