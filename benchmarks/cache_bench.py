@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from loader_bench import time_epoch  # noqa: E402
 
-from convnext_fast.benchmark_env import collect_environment  # noqa: E402
+from convnext_fast.benchmark.env import collect_environment  # noqa: E402
 from convnext_fast.data import build_loader, default_num_workers, scan_folder  # noqa: E402
 
 

@@ -33,7 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from convnext_fast.benchmark_env import collect_environment  # noqa: E402
+from convnext_fast.benchmark.env import collect_environment  # noqa: E402
 from convnext_fast.data import build_loader, default_num_workers, scan_folder  # noqa: E402
 
 BACKENDS = ("dali", "torchvision")

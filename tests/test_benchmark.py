@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convnext_fast.benchmark import SPEED_FEATURES
+from convnext_fast.benchmark.run import SPEED_FEATURES
 
 TIMM_KEYS = ("samples_per_sec", "step_time_ms", "batch_size", "img_size")
 

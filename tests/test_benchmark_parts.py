@@ -5,9 +5,9 @@ import time
 import pytest
 import torch
 
-from convnext_fast.benchmark import SPEED_FEATURES, ablation_speeds, summarize
-from convnext_fast.benchmark_env import forward_flops, mfu, peak_tflops, peak_tflops_for_name
-from convnext_fast.benchmark_timing import Meter, PeakMemory, Timing, endless, interleave
+from convnext_fast.benchmark.run import SPEED_FEATURES, ablation_speeds, summarize
+from convnext_fast.benchmark.env import forward_flops, mfu, peak_tflops, peak_tflops_for_name
+from convnext_fast.benchmark.timing import Meter, PeakMemory, Timing, endless, interleave
 from convnext_fast.cli import main
 from convnext_fast.data import Batch
 from convnext_fast.engine import BASELINE_SPEED, FAST_SPEED
@@ -207,7 +207,7 @@ def test_missing_data_and_argparse_errors_exit_2(capsys, tmp_path):
 
 
 def test_engine_state_bytes_counts_weights_adam_moments_and_ema():
-    from convnext_fast.benchmark import RECIPE, state_bytes
+    from convnext_fast.benchmark.run import RECIPE, state_bytes
     from convnext_fast.engine import build_engine
 
     engine = build_engine("convnext_atto", 3, device="cpu", speed=BASELINE_SPEED, recipe=RECIPE)
@@ -218,7 +218,7 @@ def test_engine_state_bytes_counts_weights_adam_moments_and_ema():
 
 
 def test_resolve_data_reads_the_train_split_when_there_is_one(tmp_path):
-    from convnext_fast.benchmark import resolve_data
+    from convnext_fast.benchmark.run import resolve_data
 
     (tmp_path / "flat" / "a").mkdir(parents=True)
     (tmp_path / "split" / "train" / "a").mkdir(parents=True)

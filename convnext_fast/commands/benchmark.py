@@ -85,7 +85,7 @@ def _positive(flag: str, value: int | float | None, minimum: int = 1) -> None:
 
 def build_config(args: argparse.Namespace):
     """Resolve flags, --quick and per-device defaults into a BenchConfig; ValueError names a bad flag."""
-    from convnext_fast.benchmark import BenchConfig, resolve_data
+    from convnext_fast.benchmark.run import BenchConfig, resolve_data
     from convnext_fast.engine import FAST_SPEED
 
     device = resolve_device(args.device)
@@ -160,8 +160,8 @@ def _outputs(args: argparse.Namespace) -> dict[str, Path]:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from convnext_fast.benchmark import run_benchmark
-    from convnext_fast.benchmark_report import render_tables, write_json, write_markdown, write_plot
+    from convnext_fast.benchmark.run import run_benchmark
+    from convnext_fast.benchmark.report import render_tables, write_json, write_markdown, write_plot
 
     cfg = build_config(args)
     outputs = _outputs(args)

@@ -10,7 +10,7 @@ minutes apart mean little):
     loader + fast step), with data-wait %.
 Both steps train the same recipe (Mixup 0.8 / CutMix 1.0, label smoothing 0.1, EMA): only the speed features
 differ. Then: projected epoch time for `dataset_size` images, speed-ups, and a verdict on what limits the fast
-loop. Timing rules are in benchmark_timing, provenance and FLOPs in benchmark_env, outputs in benchmark_report.
+loop. Timing rules are in .timing, provenance and FLOPs in .env, outputs in .report, paired ratios in .summary.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from convnext_fast.benchmark_env import FLOPS_CONVENTION, collect_environment, forward_flops, mfu, peak_tflops
-from convnext_fast.benchmark_summary import CACHED_LOADER, LOOP_ENGINE, LOOPS, summarize
-from convnext_fast.benchmark_timing import Meter, PeakMemory, endless, interleave
+from convnext_fast.benchmark.env import FLOPS_CONVENTION, collect_environment, forward_flops, mfu, peak_tflops
+from convnext_fast.benchmark.summary import CACHED_LOADER, LOOP_ENGINE, LOOPS, summarize
+from convnext_fast.benchmark.timing import Meter, PeakMemory, endless, interleave
 from convnext_fast.config import RecipeConfig
 from convnext_fast.data import ImageIndex, build_loader, scan_folder
 from convnext_fast.engine import BASELINE_SPEED, FAST_SPEED, SpeedConfig, build_engine
@@ -270,7 +270,7 @@ def resolve_data(data: str | None) -> tuple[Path, str]:
 
 
 def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = _log_default, command: str | None = None) -> dict:
-    """Measure every size; return the result document (benchmark_report writes and renders it).
+    """Measure every size; return the result document (.report writes and renders it).
 
     `command`: the command line that reproduces this run, recorded with the environment.
     """
