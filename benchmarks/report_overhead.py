@@ -38,6 +38,14 @@ def _weights(tmp: Path, classes: list[str], size: int) -> Path:
                                "img_size": size, "crop_pct": 0.875})
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
+
+
 def _run(cmd: list[str]) -> tuple[float, str]:
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -86,7 +94,7 @@ def main() -> None:
         "eval_wall_s": plain, "eval_report_wall_s": with_report,
         "report_s_in_process": report_s, "eval_pass_s_in_process": eval_s,
         "extra_wall_share": med(with_report) / med(plain) - 1, "report_over_eval_pass": med(report_s) / med(eval_s),
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "processor": platform.processor()},
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "cpu": _cpu_model()},
         "load_avg_start": load, "load_avg_end": os.getloadavg(),
         "git_commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
                                      text=True).stdout.strip(),

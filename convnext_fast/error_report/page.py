@@ -77,6 +77,7 @@ def render(rd: ReportData, out_dir: Path, *, thumbs: dict, failed: dict, worst_n
     env = jinja2.Environment(loader=jinja2.PackageLoader("convnext_fast.error_report", "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["pct"] = lambda v, d=1: "–" if v is None or not math.isfinite(v) else f"{v:.{d}f}"
+    env.globals["colour"] = lambda v: recall_colour(None if v is None else v / 100)
     classes = _class_rows(rd, worst_n)
     galleries = []
     for row in classes:
