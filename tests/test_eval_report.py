@@ -84,6 +84,13 @@ def test_bad_size_list_is_one_line(weights, data, sizes, capsys):
     assert "--img-size" in err and len(err.splitlines()) == 1
 
 
+def test_report_dir_that_is_a_file_fails_before_the_evaluation(weights, data, tmp_path, capsys):
+    (tmp_path / "taken").write_text("x")
+    assert main(["eval", str(weights), str(data), "--report", str(tmp_path / "taken"), *CPU]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--report" in err and "not a directory" in err and len(err.splitlines()) == 1
+
+
 def test_class_count_mismatch_names_both(weights, tmp_path, capsys):
     other = _folder(tmp_path / "four", 1, classes=CLASSES + ["yellow"])
     assert main(["eval", str(weights), str(other), "--report", str(tmp_path / "r"), *CPU]) == 2

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,6 +181,17 @@ def write_report(result: EvalResult, out_dir: str | Path) -> tuple[Path, float]:
     return page, time.perf_counter() - t0
 
 
+def check_report_dir(out_dir: Path) -> None:
+    """Fail before the evaluation if ``--report DIR`` cannot be written (a file, or a read-only parent)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--report {out_dir}: exists and is not a directory")
+    parent = out_dir
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--report {out_dir}: {parent} is not writable")
+
+
 def _size_table(result: EvalResult):
     from rich.table import Table
 
@@ -200,6 +212,8 @@ def run(args: argparse.Namespace) -> int:
     from convnext_fast.report import render_eval_report
 
     sizes = parse_sizes(args.img_size)
+    if args.report:
+        check_report_dir(Path(args.report))
     result = evaluate_sizes(args.weights, args.data, img_sizes=sizes, tta=args.tta, loader=args.loader,
                             batch_size=args.batch_size, workers=args.workers, device=args.device, amp=args.amp,
                             keep_outputs=args.report is not None)
