@@ -50,6 +50,6 @@ def build_report(preds: Predictions, out_dir: str | Path, *, worst_n: int = 25, 
     thumbs, failed = make_thumbnails(((i, preds.paths[i]) for i in wanted), out_dir / "thumbs")
     if (out_dir / "predictions.npz").is_file():
         written.insert(0, out_dir / "predictions.npz")
-    html = render(rd, out_dir, thumbs=thumbs, failed=failed, worst_n=worst_n, confusion_png=png,
+    html = render(rd, thumbs=thumbs, failed=failed, worst_n=worst_n, confusion_png=png,
                   files=[p.name for p in written])
     return atomic_write_text(out_dir / "report.html", html)

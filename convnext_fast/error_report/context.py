@@ -13,7 +13,6 @@ from convnext_fast.predictions import Predictions
 @dataclass
 class ReportData:
     preds: Predictions
-    size_index: int  # the size the detailed analysis uses (the first listed)
     confusion: np.ndarray
     stats: A.ClassStats
     samples: A.Samples
@@ -70,7 +69,7 @@ def analyse(preds: Predictions, *, per_class_k: int, top_wrong: int, pairs: int 
     n = len(labels)
     lo, hi = A.wilson_interval(np.array([samples.correct.sum()]), np.array([n]))
     return ReportData(
-        preds=preds, size_index=0, confusion=first["confusion"], stats=stats, samples=samples, order=order,
+        preds=preds, confusion=first["confusion"], stats=stats, samples=samples, order=order,
         loss_rank=loss_rank, per_class_top=A.top_losses_per_class(samples.loss, labels, c, per_class_k),
         top_wrong=wrong, pairs=A.confused_pairs(first["confusion"], pairs),
         calibration=A.calibration(samples.confidence, samples.correct), overlap=A.intervals_overlap(stats),

@@ -67,7 +67,7 @@ def _overlap_note(rd: ReportData) -> dict | None:
     return {"overlap": overlap, "best": desc(best), "worst": desc(worst)}
 
 
-def render(rd: ReportData, out_dir: Path, *, thumbs: dict, failed: dict, worst_n: int, confusion_png: str | None,
+def render(rd: ReportData, *, thumbs: dict, failed: dict, worst_n: int, confusion_png: str | None,
            files: list[str]) -> str:
     import jinja2
     from markupsafe import Markup
