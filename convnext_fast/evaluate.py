@@ -24,16 +24,42 @@ def evaluate(forwards: Mapping[str, Forward], loader: Iterable, *, num_classes: 
     One loader pass serves all models (e.g. the weights and their EMA), so the data is decoded once.
     Collective: under DDP every rank must call it with its shard of the data.
     """
+    return _evaluate(forwards, loader, num_classes=num_classes, device=device)[0]
+
+
+def evaluate_outputs(forward: Forward, loader: Iterable, *, num_classes: int,
+                     device: torch.device | str) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """(metrics, logits [N, C] float32, labels [N]) of one model, on the host, in the loader's order.
+
+    The per-image outputs are what reports are built from (DESIGN §6). They stay on the device until the end of
+    the pass (one copy, no per-batch sync). Single process only: the outputs are this rank's shard.
+    """
+    metrics, kept = _evaluate({"model": forward}, loader, num_classes=num_classes, device=device, keep=True)
+    logits, labels = kept
+    return metrics["model"], logits, labels
+
+
+def _evaluate(forwards: Mapping[str, Forward], loader: Iterable, *, num_classes: int, device: torch.device | str,
+              keep: bool = False) -> tuple[dict[str, dict], tuple[torch.Tensor, torch.Tensor] | None]:
     meters = {name: ClassificationMeter(num_classes, device) for name in forwards}
+    kept_logits: list[torch.Tensor] = []
+    kept_labels: list[torch.Tensor] = []
     for images, labels in loader:
         for name, forward in forwards.items():
             logits = forward(images)
             meters[name].update(logits, labels, F.cross_entropy(logits, labels))
+            if keep:
+                kept_logits.append(logits.detach().float())
+                kept_labels.append(labels)
     out = {}
     for name, meter in meters.items():
         meter.all_reduce()
         out[name] = meter.compute()  # one host sync per model per evaluation
-    return out
+    if not keep:
+        return out, None
+    if not kept_logits:
+        return out, (torch.zeros(0, num_classes), torch.zeros(0, dtype=torch.int64))
+    return out, (torch.cat(kept_logits).cpu(), torch.cat(kept_labels).to(torch.int64).cpu())  # SYNC: one copy
 
 
 @torch.no_grad()

@@ -112,6 +112,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="TOML file with [data] [model] [optim] [recipe] [speed] [run] tables; flags override it")
     parser.add_argument("--resume", default=None, metavar="RUN_DIR",
                         help="continue RUN_DIR exactly from checkpoints/last.pt (its saved config; flags override)")
+    parser.add_argument("--report", action="store_true",
+                        help="at the end, write RUN_DIR/report/report.html: the error report of the exported weights")
     groups: dict[str, argparse._ArgumentGroup] = {}
     defaults = TrainConfig()
     for flag, (section, key, parse, metavar) in FLAGS.items():
@@ -167,7 +169,10 @@ def run(args: argparse.Namespace) -> int:
 
     cfg, resume = resolve_config(args)
     try:
-        train(cfg, resume=resume)
+        summary = train(cfg, resume=resume)
+        if getattr(args, "report", False) and os.environ.get("RANK", "0") == "0":  # rank 0 alone, after DDP ends
+            from convnext_fast.commands.eval import report_after_training
+            report_after_training(cfg, summary)
     except Interrupted as e:
         # Rank 0 alone reports (the process group is already gone here, so ask the launcher's environment).
         if os.environ.get("RANK", "0") == "0":

@@ -141,12 +141,14 @@ def _find_bad(paths: list[str], verify_images: bool) -> dict[str, str]:
     return {p: r for p, r in zip(paths, reasons) if r is not None}
 
 
-def scan_folder(root: str | os.PathLike, *, skip_bad: bool = False, verify_images: bool = False) -> ImageIndex:
+def scan_folder(root: str | os.PathLike, *, skip_bad: bool = False, verify_images: bool = False,
+                allow_empty: bool = False) -> ImageIndex:
     """Index `root` (one sub-folder per class) and preflight it.
 
     Raises DatasetError for: a missing root, no class folders, a single class, empty class folders, and bad
     files (zero bytes, not an image, truncated; undecodable with `verify_images`). With `skip_bad`, bad files
-    are excluded and listed in `ImageIndex.skipped` instead.
+    are excluded and listed in `ImageIndex.skipped` instead. `allow_empty` (as ImageFolder's) keeps empty class
+    folders as classes without images (evaluation: a class may have no validation images).
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -155,7 +157,7 @@ def scan_folder(root: str | os.PathLike, *, skip_bad: bool = False, verify_image
     if not classes:
         raise DatasetError(f"{root}: no class folders found (expected {root}/<class>/<image>.jpg)")
     samples, empty = _list_samples(root, class_to_idx)
-    if empty:
+    if empty and not allow_empty:
         raise DatasetError(
             f"{root}: {len(empty)} class folder(s) hold no image file ({', '.join(IMG_EXTENSIONS)}):\n"
             + format_paths(empty)
