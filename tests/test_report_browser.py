@@ -3,6 +3,7 @@ every image loads, no console errors, the screenshot is not blank. Skips, saying
 from __future__ import annotations
 
 import io
+import os
 import shutil
 
 import numpy as np
@@ -17,7 +18,8 @@ def _browser():
     binary = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
     driver_bin = shutil.which("chromedriver")
     if binary is None or driver_bin is None:
-        pytest.skip("no system Chromium + chromedriver (Debian: apt-get install chromium chromium-driver; "
+        # In CI the browser is installed by .ci/install-browser: a missing one there is a failure, not a skip.
+        (pytest.fail if os.environ.get("CI") == "true" else pytest.skip)("no system Chromium + chromedriver (Debian: apt-get install chromium chromium-driver; "
                     "CI installs them with .ci/install-browser)")
     from selenium.webdriver.chrome.service import Service
 
