@@ -118,6 +118,19 @@ build_image() {
     if [ -n "$old" ] && [ "$old" != "$new" ]; then
         podman rmi "$old" >/dev/null 2>&1 || log "note: previous image $old kept (still in use)"
     fi
+    remove_dangling
+}
+
+# Untagged images without children that were built on our base: the `requirements` stage's leftovers. The
+# layer cache (untagged images with children) and other people's images stay.
+remove_dangling() {
+    local base_layer id
+    base_layer="$(podman image inspect --format '{{index .RootFS.Layers 0}}' "$BASE_TAG")"
+    for id in $(podman images -a -q --filter dangling=true); do
+        if [ "$(podman image inspect --format '{{index .RootFS.Layers 0}}' "$id")" = "$base_layer" ]; then
+            podman rmi "$id" >/dev/null || log "note: could not remove dangling image $id"
+        fi
+    done
 }
 
 # run_demo NAME OWNER [podman run flags...]: in one container, as that user, write a small built-in demo dataset
