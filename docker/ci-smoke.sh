@@ -6,7 +6,7 @@
 # 1. apt-installs podman, runc and debootstrap if missing.
 # 2. Makes a local base (cached as $BASE_TAG): Debian bookworm by `debootstrap --variant=minbase` from the mirror
 #    apt already uses, plus a uid/gid-1000 `ubuntu` user, so the Dockerfile meets what Ubuntu 24.04 bases have.
-# 3. Builds the image (podman's layer cache makes a rebuild after a code change take seconds), with the host's CA
+# 3. Builds the image (with the layer cache a rebuild after a code change takes ~30 s here), with the host's CA
 #    bundle and a pip.conf naming it mounted read-only into the build only (HTTPS may pass a re-signing proxy).
 # 4. Runs `--help`, then, with `--network none` (nothing is fetched at run time), writes a small built-in demo
 #    dataset (`demo-data`, fewer images than `train` alone builds) and trains on it for one epoch, once as the
@@ -22,7 +22,7 @@ SUITE=bookworm
 BASE_TAG="localhost/convnext-fast-ci-base:$SUITE"
 HOST_CA=/etc/ssl/certs/ca-certificates.crt
 OTHER_USER=4321:4321
-# 21 classes x 12 train / 4 val images at 64 px: an epoch of 8 steps, seconds on a CPU (the full demo is minutes).
+# 21 classes x 12 train / 4 val images at 64 px: an epoch of 7 steps, seconds on a CPU (the full demo is minutes).
 DEMO_ARGS=(--train-per-class 12 --val-per-class 4 --size 64)
 START=$SECONDS
 
