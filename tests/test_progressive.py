@@ -180,3 +180,19 @@ def test_plots_mark_the_size_changes(tmp_path):
     assert size_changes(rows[:2]) == []
     made = plot_curves(rows, tmp_path)
     assert {p.name for p in made} == {"loss.png", "accuracy.png", "lr.png"}
+
+
+def test_toml_keys_and_help(tmp_path, capsys):
+    toml = tmp_path / "c.toml"
+    toml.write_text('[data]\nimg_size = 96\nprogressive = 64\nramp = [2, 4]\nres_step = 16\neval_img_size = 128\n'
+                    '[run]\nepochs = 5\n')
+    cfg = build_config(config_file=toml)
+    assert cfg.resolution_schedule().per_epoch == [64, 64, 80, 96, 96] and cfg.data.eval_img_size == 128
+    toml.write_text('[data]\nimg_size = 96\nprogressive = 64\nramp = [2, 9]\n[run]\nepochs = 5\n')
+    with pytest.raises(ValueError, match=re.escape(f"config file {toml}: --ramp 2:9: needs 0 <= START <= END")):
+        build_config(config_file=toml)
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "--progressive START_PX|off" in shown and "3/4:7/8 of the run" in shown and "65->76" in shown
+    assert "seed-recipe-progressive" in shown
