@@ -138,6 +138,17 @@ class ResolutionSchedule:
                 "res_step": self.res_step, "sizes": self.sizes, "per_epoch": self.per_epoch}
 
 
+def parse_ramp(flag: str, text: str) -> tuple[int, int] | None:
+    """``START:END`` (1-based epochs) from the command line; ``auto`` = the default ramp (None)."""
+    if text.lower() in ("auto", "none", "default"):
+        return None
+    try:
+        start, end = (int(p) for p in text.split(":"))
+    except ValueError:
+        raise ValueError(f"{flag}: expected START:END epochs (e.g. 66:77) or auto, got {text!r}") from None
+    return (start, end)
+
+
 def check_model_sizes(schedule: ResolutionSchedule, model_name: str, flag: str = "--progressive") -> None:
     """Every size must reach the model's last stage with at least one cell: >= its total stride.
 
@@ -147,8 +158,11 @@ def check_model_sizes(schedule: ResolutionSchedule, model_name: str, flag: str =
     import timm
     import torch
 
-    with torch.device("meta"):
-        model = timm.create_model(model_name, pretrained=False, num_classes=2)
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(model_name, pretrained=False, num_classes=2)
+    except Exception:  # a model that cannot be built on the meta device: its own forward will say what it needs
+        return
     info = getattr(model, "feature_info", None)
     stride = int(info[-1]["reduction"]) if info else 1
     smallest = min(schedule.sizes)

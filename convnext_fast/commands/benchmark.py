@@ -144,8 +144,7 @@ def build_config(args: argparse.Namespace):
 
 def _schedule(args: argparse.Namespace, sizes: tuple[int, ...]):
     """The projected run's ResolutionSchedule (None: --progressive off, or a single size and no --progressive)."""
-    from convnext_fast.commands.train import _ramp
-    from convnext_fast.schedule import ResolutionSchedule
+    from convnext_fast.schedule import ResolutionSchedule, parse_ramp
 
     text = args.progressive
     if text is not None and text.lower() in ("off", "none"):
@@ -153,7 +152,7 @@ def _schedule(args: argparse.Namespace, sizes: tuple[int, ...]):
     if text is None and len(sizes) < 2:
         return None
     start = min(sizes) if text is None else _positive_int("--progressive", text)
-    ramp = _ramp("--ramp", args.ramp) if args.ramp else None
+    ramp = parse_ramp("--ramp", args.ramp) if args.ramp else None
     return ResolutionSchedule(img_size=max(sizes), epochs=args.epochs, start_size=start, ramp=ramp,
                               res_step=args.res_step)
 

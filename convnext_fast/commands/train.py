@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from convnext_fast.config import TrainConfig, build_config, field_doc
+from convnext_fast.schedule import parse_ramp
 
 
 def _number(kind: type) -> Callable[[str, str], Any]:
@@ -43,16 +44,6 @@ def _randaugment(flag: str, text: str) -> tuple[int, int] | None:
     return (n, m)
 
 
-def _ramp(flag: str, text: str) -> tuple[int, int] | None:
-    if text.lower() in ("auto", "none", "default"):
-        return None
-    try:
-        start, end = (int(p) for p in text.split(":"))
-    except ValueError:
-        raise ValueError(f"{flag}: expected START:END epochs (e.g. 66:77) or auto, got {text!r}") from None
-    return (start, end)
-
-
 def _text(flag: str, text: str) -> str:
     return text
 
@@ -64,7 +55,7 @@ FLAGS: dict[str, tuple[str, str, Any, str | None]] = {
     "--loader": ("data", "loader", _text, "dali|torchvision|synthetic"),
     "--img-size": ("data", "img_size", _INT, "PX"),
     "--progressive": ("data", "progressive", _optional(_INT), "START_PX|off"),
-    "--ramp": ("data", "ramp", _ramp, "START:END|auto"),
+    "--ramp": ("data", "ramp", parse_ramp, "START:END|auto"),
     "--res-step": ("data", "res_step", _INT, "PX"),
     "--eval-img-size": ("data", "eval_img_size", _optional(_INT), "PX|auto"),
     "--batch-size": ("data", "batch_size", _INT, "N"),
