@@ -66,6 +66,13 @@ def test_rounding_clamping_and_ramp_edges():
     assert ResolutionSchedule(96, 200, start_size=64).size(500) == 96  # past the run: the final size
 
 
+def test_recompile_warning_counts_the_sizes_met_so_far():
+    s = ResolutionSchedule(img_size=64, epochs=3, start_size=32, ramp=(1, 3), res_step=16)  # 32, 48, 64
+    assert s.recompile_warning(None, 2) is None  # eager
+    assert s.recompile_warning(1, 0) is None and s.recompile_warning(3, 2) is None
+    assert "made 2 graphs for 1 training size(s) by epoch 1" in s.recompile_warning(2, 0)
+
+
 @pytest.mark.parametrize("kw, needle", [
     (dict(start_size=256), "--progressive 256"),
     (dict(start_size=128, ramp=(5, 3)), "--ramp 5:3"),
