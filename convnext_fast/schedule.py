@@ -85,7 +85,7 @@ class ResolutionSchedule:
         if e >= end:
             return hi
         value = lo + (hi - lo) * (e - start) / (end - start)
-        rounded = int(math.floor(value / self.res_step + 0.5)) * self.res_step  # half up (FFCV's np.round: half to even)
+        rounded = int(math.floor(value / self.res_step + 0.5)) * self.res_step  # half up (np.round: half to even)
         return min(hi, max(lo, rounded))
 
     @property
