@@ -3,7 +3,8 @@
 Both arms are `convnext-fast train` runs on the same data, recipe, seed and epochs; they differ only in
 `--progressive START` (the default FFCV-proportioned ramp to `--img-size`). They run AT THE SAME TIME, as two
 processes with one thread each (OMP/torch threads 1, DALI threads 1), so a shared, noisy machine slows both alike;
-the load average is sampled while they run. Reported per arm: wall time (process, and the run's own training +
+the load average is sampled while they run, and each arm's CPU seconds are read at its end (less sensitive to the
+load than wall time: an arm that ends first leaves the other more of the machine). Reported per arm: wall time (process, and the run's own training +
 eval time), images/s per training size, best and final val top-1; then the ratios.
 
     .venv/bin/python benchmarks/progressive_bench.py          # demo data (21 classes x 50), atto, 32 -> 48, 8 epochs
@@ -84,18 +85,26 @@ def run_arms(args: argparse.Namespace, data: Path, runs: Path) -> tuple[dict, di
     procs = {k: subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for k, c in commands.items()}
     ended: dict[str, float] = {}
+    cpu: dict[str, float] = {}
     loads = []
     while len(ended) < len(procs):
         time.sleep(5)
         loads.append(_load()[0])
         for k, p in procs.items():
-            if k not in ended and p.poll() is not None:
-                ended[k] = time.perf_counter() - start
+            if k in ended:
+                continue
+            # wait4: the child's own CPU seconds (user + system, all its threads), which a busy shared machine
+            # changes far less than the wall time (an arm that ends first leaves the other more of the machine).
+            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                ended[k], cpu[k] = time.perf_counter() - start, usage.ru_utime + usage.ru_stime
+                p.returncode = os.waitstatus_to_exitcode(status)
     logs = {k: p.stdout.read() for k, p in procs.items()}
     for k, p in procs.items():
         if p.returncode != 0:
             raise SystemExit(f"{k} arm failed ({p.returncode}):\n{logs[k][-3000:]}")
-    arms = {k: {**_arm_summary(runs / k, ended[k]), "command": shlex.join(commands[k]),
+    arms = {k: {**_arm_summary(runs / k, ended[k]), "process_cpu_s": round(cpu[k], 1),
+                "command": shlex.join(commands[k]),
                 "header": [line for line in logs[k].splitlines() if line.startswith("resolution:")]}
             for k in commands}
     return arms["fixed"], arms["progressive"], loads
@@ -125,6 +134,8 @@ def _markdown(doc: dict) -> str:
         "|---|---|---|---|",
         f"| process wall time (s) | {f['process_wall_s']} | {p['process_wall_s']} | {r['process_wall']:.3f} |",
         f"| training time, sum of epochs (s) | {f['train_s']} | {p['train_s']} | {r['train_time']:.3f} |",
+        f"| process CPU time (s, user + system) | {f['process_cpu_s']} | {p['process_cpu_s']} | "
+        f"{r['process_cpu']:.3f} |",
         f"| best val top-1 (%) | {f['best_top1']:.2f} (ep {f['best_epoch']}) | {p['best_top1']:.2f} "
         f"(ep {p['best_epoch']}) | {r['best_top1_diff']:+.2f} points |",
         f"| final val top-1 (%) | {f['final_top1']:.2f} | {p['final_top1']:.2f} | {r['final_top1_diff']:+.2f} points |",
@@ -163,6 +174,7 @@ def main(argv=None) -> int:
         "fixed": fixed, "progressive": prog,
         "ratios": {"process_wall": prog["process_wall_s"] / fixed["process_wall_s"],
                    "train_time": prog["train_s"] / fixed["train_s"],
+                   "process_cpu": prog["process_cpu_s"] / fixed["process_cpu_s"],
                    "best_top1_diff": prog["best_top1"] - fixed["best_top1"],
                    "final_top1_diff": prog["final_top1"] - fixed["final_top1"]},
     }
