@@ -85,6 +85,20 @@ class Engine:
     device: torch.device
     num_classes: int
     step: int = 0
+    graphs_before: int | None = None  # dynamo's graph count when the module was compiled; None = eager
+
+    @property
+    def compiled_graphs(self) -> int | None:
+        """Graphs torch.compile made for this engine so far (one per distinct input shape); None when eager.
+
+        Read from dynamo's process-wide ``unique_graphs`` counter (host-side, no sync); the train module is the
+        only compiled code in a training process.
+        """
+        if self.graphs_before is None:
+            return None
+        from torch._dynamo.utils import counters
+
+        return counters["stats"]["unique_graphs"] - self.graphs_before
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -163,14 +177,15 @@ class Engine:
 def build_engine(model_name: str, num_classes: int, *, device: torch.device | str, speed: SpeedConfig,
                  recipe: RecipeConfig | None = None, optim: OptimConfig | None = None, lr: float | None = None,
                  drop_path: float = 0.0, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 model: nn.Module | None = None) -> Engine:
+                 model: nn.Module | None = None, num_sizes: int = 1) -> Engine:
     """Create model, optimizer, loss, Mixup and EMA for ``num_classes`` on ``device``.
 
     ``speed`` fields left ``None`` are resolved for the device (compile, bf16 and fused AdamW on CUDA). ``lr``
     is the optimizer's initial lr (the train loop sets it every step; default ``optim.resolved_lr(4096)``).
     With ``world_size > 1`` the training module is wrapped in DDP (the process group must exist). ``seed`` fixes
     the initial weights (identical on every rank); ``rank`` offsets the Mixup draws so ranks mix differently.
-    Usable with synthetic tensors and no dataset.
+    Usable with synthetic tensors and no dataset. ``num_sizes``: distinct training image sizes (a progressive
+    schedule's); the compiled module gets one static graph per size.
     """
     recipe = recipe or RecipeConfig()
     optim = optim or OptimConfig()
@@ -188,9 +203,18 @@ def build_engine(model_name: str, num_classes: int, *, device: torch.device | st
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         train_module = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    graphs_before = None
     if speed.compile:
-        # Compile the (DDP-wrapped) module, checkpoint the raw one. Static training shapes: one graph per run.
-        train_module = torch.compile(train_module)
+        # Compile the (DDP-wrapped) module, checkpoint the raw one. Static training shapes: one graph per size.
+        # dynamic=False: by default dynamo's second shape would compile a dynamic-shape graph (slower kernels);
+        # the recompile limit must admit one static graph per size.
+        from torch._dynamo import config as dynamo_config
+        from torch._dynamo.utils import counters
+
+        cfg = dynamo_config
+        cfg.recompile_limit = max(cfg.recompile_limit, num_sizes + 1)
+        graphs_before = counters["stats"]["unique_graphs"]
+        train_module = torch.compile(train_module, dynamic=False)
     optimizer = build_optimizer(model, lr=lr if lr is not None else optim.resolved_lr(4096),
                                 weight_decay=optim.weight_decay, betas=optim.betas, eps=optim.eps,
                                 fused=speed.fused_adamw)
@@ -209,4 +233,5 @@ def build_engine(model_name: str, num_classes: int, *, device: torch.device | st
         ema = ModelEmaV3(model, decay=recipe.model_ema_decay, use_warmup=True, foreach=speed.ema)
     scaler = torch.amp.GradScaler(device.type) if speed.amp == "fp16" else None
     return Engine(model=model, train_module=train_module, optimizer=optimizer, loss_fn=build_loss(recipe.focal_gamma),
-                  mixup=mixup, ema=ema, scaler=scaler, speed=speed, device=device, num_classes=num_classes)
+                  mixup=mixup, ema=ema, scaler=scaler, speed=speed, device=device, num_classes=num_classes,
+                  graphs_before=graphs_before)

@@ -150,6 +150,24 @@ def _series(rows: Sequence[dict], key: str) -> tuple[list, list]:
     return xs, ys
 
 
+def size_changes(rows: Sequence[dict]) -> list[tuple[float, int]]:
+    """(x, new size) where the training ``img_size`` changes: between the last epoch at the old size and the
+    first at the new one (progressive resolution); empty for a fixed size or rows without it."""
+    out = []
+    for prev, row in zip(rows, rows[1:]):
+        a, b = prev.get("img_size"), row.get("img_size")
+        if a is not None and b is not None and a != b:
+            out.append(((prev["epoch"] + row["epoch"]) / 2, int(b)))
+    return out
+
+
+def _mark_sizes(ax, rows: Sequence[dict]) -> None:
+    for i, (x, size) in enumerate(size_changes(rows)):
+        ax.axvline(x, color="0.5", linestyle=":", linewidth=1, label="training size change" if i == 0 else None)
+        ax.annotate(f"{size}px", (x, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -10),
+                    textcoords="offset points", fontsize=7, color="0.35")
+
+
 def _line_plot(rows, keys, path: Path, ylabel: str, title: str, logy: bool = False) -> Path | None:
     fig = _figure(6.4, 4.0)
     ax = fig.add_subplot()
@@ -161,6 +179,7 @@ def _line_plot(rows, keys, path: Path, ylabel: str, title: str, logy: bool = Fal
             drawn += 1
     if not drawn:
         return None
+    _mark_sizes(ax, rows)
     if logy:
         ax.set_yscale("log")
     from matplotlib.ticker import MaxNLocator

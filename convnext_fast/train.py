@@ -40,6 +40,7 @@ from convnext_fast.model import check_model_name
 from convnext_fast.optim import WarmupCosine
 from convnext_fast.progress import TrainProgress, describe_run
 from convnext_fast.report import RunReporter, atomic_write_text, epoch_table, to_jsonable
+from convnext_fast.schedule import ResolutionSchedule, check_model_sizes, check_resume
 
 
 class TrainingError(RuntimeError):
@@ -136,6 +137,7 @@ class _Run:
     state: LoopState
     reporter: RunReporter
     progress: TrainProgress
+    schedule: ResolutionSchedule
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, tty: bool | None = None) -> dict:
@@ -174,14 +176,22 @@ def _setup(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None) -> 
         raise ValueError(f"--out {run_dir} already holds a run; continue it with --resume {run_dir} or choose "
                          f"another --out")
     check_model_name(cfg.model.name)  # fail before scanning a large dataset
+    d = cfg.data
+    schedule, eval_size = cfg.resolution_schedule(), d.eval_img_size or d.img_size
+    check_model_sizes(schedule, cfg.model.name, "--progressive" if schedule.progressive else "--img-size")
+    check_model_sizes(ResolutionSchedule(eval_size, 1), cfg.model.name, "--eval-img-size")
+    if len({tuple(p) for p in all_gather_object(schedule.per_epoch)}) > 1:  # a pure function of the config
+        raise ValueError("the ranks were given different resolution schedules (differing configs?)")
     train_index, val_index = resolve_train_val(cfg.data, seed=cfg.run.seed)
-    classes, d, dev = train_index.classes, cfg.data, dist.device
-    common = dict(img_size=d.img_size, backend=d.loader, device=dev, seed=cfg.run.seed, shard_id=dist.rank,
+    classes, dev = train_index.classes, dist.device
+    common = dict(backend=d.loader, device=dev, seed=cfg.run.seed, shard_id=dist.rank,
                   num_shards=dist.world_size, num_workers=d.num_workers, crop_pct=d.crop_pct, cache=d.cache,
                   cache_size=d.cache_size)
-    train_loader = build_loader(train_index, train=True, batch_size=d.batch_size, scale=d.scale, hflip=d.hflip,
-                                randaugment=d.randaugment, reprob=d.reprob, **common)
-    val_loader = build_loader(val_index, train=False, batch_size=d.eval_batch_size or 2 * d.batch_size, **common)
+    train_loader = build_loader(train_index, train=True, img_size=d.img_size, batch_size=d.batch_size, scale=d.scale,
+                                hflip=d.hflip, randaugment=d.randaugment, reprob=d.reprob,
+                                schedule=schedule if schedule.progressive else None, **common)
+    val_loader = build_loader(val_index, train=False, img_size=eval_size,
+                              batch_size=d.eval_batch_size or 2 * d.batch_size, **common)
     steps = len(train_loader)
     if steps == 0:
         raise ValueError(f"--batch-size {d.batch_size} x {dist.world_size} process(es) is larger than the "
@@ -191,12 +201,13 @@ def _setup(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None) -> 
         raise ValueError(f"--min-lr {cfg.optim.min_lr:g} is above the peak lr {lr:g}")
     engine = build_engine(cfg.model.name, len(classes), device=dev, speed=cfg.speed, recipe=cfg.recipe,
                           optim=cfg.optim, lr=lr, drop_path=cfg.model.drop_path, seed=cfg.run.seed, rank=dist.rank,
-                          world_size=dist.world_size)
+                          world_size=dist.world_size, num_sizes=len(schedule.sizes))
     total_steps = cfg.run.epochs * steps
     sched = WarmupCosine(engine.optimizer, base_lr=lr, min_lr=cfg.optim.min_lr, total_steps=total_steps,
                          warmup_steps=min(round(cfg.optim.warmup_epochs * steps), total_steps))
-    meta = {"model_name": cfg.model.name, "num_classes": len(classes), "classes": classes, "img_size": d.img_size,
-            "crop_pct": d.crop_pct, "config": cfg.to_dict()}
+    # img_size: the evaluation size (what `convnext-fast eval` uses by default to reproduce the run's accuracy).
+    meta = {"model_name": cfg.model.name, "num_classes": len(classes), "classes": classes, "img_size": eval_size,
+            "crop_pct": d.crop_pct, "config": cfg.to_dict(), "schedule": schedule.to_dict()}
     state = LoopState()
     if resume:
         # On the host: load_state_dict copies weights and optimizer state to the device; RNG states stay host-side.
@@ -206,22 +217,27 @@ def _setup(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None) -> 
         if len(ckpt["rng"]) != dist.world_size:  # the shards, global batch and lr would all change
             raise ValueError(f"--resume {run_dir}: the checkpoint was saved by {len(ckpt['rng'])} process(es) and "
                              f"this job has {dist.world_size}; resume with the same number of processes")
+        loop = ckpt["loop"]
+        check_resume(ckpt["meta"].get("schedule"), schedule, loop["epoch"] + bool(loop["batch_in_epoch"]), run_dir)
         engine.load_state_dict(ckpt["engine"])
-        state = LoopState(**ckpt["loop"])
+        state = LoopState(**loop)
         ckpt_io.set_rng_state(ckpt["rng"][dist.rank])
     run = _Run(cfg=cfg, dist=dist, run_dir=run_dir, train_loader=train_loader, val_loader=val_loader, engine=engine,
                sched=sched, lr=lr, meta=meta, state=state, reporter=RunReporter(run_dir, classes, is_main=dist.is_main),
-               progress=TrainProgress(enabled=dist.is_main, epochs=cfg.run.epochs, tty=tty))
+               progress=TrainProgress(enabled=dist.is_main, epochs=cfg.run.epochs, tty=tty),
+               schedule=schedule)
     if dist.is_main:
         resolved = {"lr": lr, "global_batch": d.batch_size * dist.world_size, "world_size": dist.world_size,
                     "steps_per_epoch": steps, "device": str(dev), "speed": dataclasses.asdict(engine.speed),
                     "train_root": str(train_index.root), "val_root": str(val_index.root),
-                    "num_train": len(train_index), "num_val": len(val_index)}
+                    "num_train": len(train_index), "num_val": len(val_index), "schedule": schedule.to_dict(),
+                    "eval_img_size": eval_size}
         atomic_write_text(run_dir / "config.json", json.dumps({**cfg.to_dict(), "resolved": resolved}, indent=2))
         atomic_write_text(run_dir / "classes.json", json.dumps(classes, indent=2))
         _write_rows(run_dir, state.rows)  # a resumed run drops rows logged after its checkpoint
         run.progress.log(describe_run(cfg, engine, dist, len(train_index), len(val_index), classes, steps, lr,
                                       data_root=str(train_index.root)))
+        run.progress.log(f"resolution: train {schedule.describe()} | eval {eval_size}px")
         if resume:
             run.progress.log(f"resuming {run_dir} at epoch {state.epoch + 1}, batch {state.batch_in_epoch}")
     return run
@@ -236,10 +252,14 @@ def _train(run: _Run, stop: _StopRequest, t_start: float) -> dict:
     # The loop.
     # ---------------------------------------------------------------------------------------------------------
     world, log_every, lr_now = dist.world_size, cfg.run.log_every, sched.lr_at(engine.step)
+    warned = False  # the recompile warning is given once
     for epoch in range(state.epoch, cfg.run.epochs):
         if state.stopped_early:
             break
-        train_loader.set_epoch(epoch)
+        train_loader.set_epoch(epoch)  # the loader reads this epoch's size from the schedule
+        img_size = run.schedule.size(epoch)
+        if epoch > 0 and img_size != run.schedule.size(epoch - 1):
+            progress.log(f"epoch {epoch + 1}: training size {run.schedule.size(epoch - 1)} -> {img_size} px")
         engine.model.train()
         skip, part = state.batch_in_epoch, state.partial or {}
         loss_sum = torch.full((), part.get("loss_sum", 0.0), dtype=torch.float64, device=dev)
@@ -297,14 +317,19 @@ def _train(run: _Run, stop: _StopRequest, t_start: float) -> dict:
         if engine.ema is not None:
             forwards["ema"] = functools.partial(engine.eval_logits, tta=tta, use_ema=True)
         results = evaluate(forwards, val_loader, num_classes=len(classes), device=dev)  # SYNC (once per model)
-        row = {"epoch": epoch + 1, "step": engine.step, "lr": lr_now, "train_loss": train_loss,
+        row = {"epoch": epoch + 1, "step": engine.step, "img_size": img_size, "lr": lr_now, "train_loss": train_loss,
                "val_loss": results["model"]["loss"], "val_top1": results["model"]["top1"],
                "val_top5": results["model"]["top5"]}
         if "ema" in results:
             row.update(ema_val_loss=results["ema"]["loss"], ema_val_top1=results["ema"]["top1"],
                        ema_val_top5=results["ema"]["top5"])
         row.update(img_per_sec=images_seen * world / max(train_s, 1e-9), epoch_time_s=time.perf_counter() - t_epoch,
-                   data_wait_pct=100.0 * data_wait / max(train_s, 1e-9), world_size=world)
+                   data_wait_pct=100.0 * data_wait / max(train_s, 1e-9), world_size=world,
+                   eval_img_size=meta["img_size"])
+        warning = None if warned else run.schedule.recompile_warning(engine.compiled_graphs, epoch)
+        if warning:
+            progress.log(warning)
+            warned = True
         # The exported and early-stopping model: the EMA when it is on (what model.safetensors holds).
         selected = results["ema" if "ema" in results else "model"]
         improved = selected["top1"] > state.best_top1  # NaN never improves
@@ -372,7 +397,7 @@ def _finish(cfg: TrainConfig, run_dir: Path, state: LoopState, reporter: RunRepo
     if dist.is_main:
         reporter.write_summary(summary)
         reporter.make_plots(rows, state.best_eval.get("per_class_acc"), state.best_eval.get("confusion"))
-        keys = [k for k in ("epoch", "train_loss", "val_loss", "val_top1", "val_top5", "ema_val_top1", "lr",
+        keys = [k for k in ("epoch", "img_size", "train_loss", "val_loss", "val_top1", "val_top5", "ema_val_top1", "lr",
                             "img_per_sec", "epoch_time_s") if any(k in r for r in rows)]
         progress.console.print(epoch_table(rows, keys=keys, title=f"{run_dir}"))
         progress.log(f"best val top-1 {summary['best_top1'] or 0:.2f}% at epoch {state.best_epoch} | "

@@ -149,3 +149,18 @@ def test_quick_on_cuda_records_gpu_memory_and_mfu(quick, tmp_path):
     assert all("error" not in r for r in doc["results"])
     if doc["peak_tflops"]:
         assert all(r["mfu_pct"] > 0 for r in doc["results"] if r["kind"] in ("step", "loop"))
+
+
+def test_progressive_projection_from_the_measured_step_throughput(quick):
+    """--quick measures 32 and 48 px; the default projection ramps from the smallest to the largest size."""
+    doc, out, shown = quick
+    p = doc["projection"]
+    assert p["schedule"]["img_size"] == 48 and p["schedule"]["start_size"] == 32 and p["schedule"]["epochs"] == 150
+    fast = {r["img_size"]: r["samples_per_sec"] for r in _records(doc, "step") if r["name"] == "fast"}
+    per = {s["img_size"]: s for s in p["per_size"]}
+    assert all(per[s]["source"] == "measured" and per[s]["img_per_sec"] == fast[s] for s in (32, 48))
+    expected = sum(1000 / fast[s] for s in p["schedule"]["per_epoch"])
+    assert p["progressive_s"] == pytest.approx(expected) and p["fixed_s"] == pytest.approx(150 * 1000 / fast[48])
+    assert p["time_ratio"] == pytest.approx(p["progressive_s"] / p["fixed_s"]) and 0 < p["flops_ratio"] < 1
+    assert "Progressive resolution" in out["markdown"].read_text() and "x the training FLOPs" in shown
+    assert "--progressive 32 --epochs 150" in doc["environment"]["command"]

@@ -227,3 +227,22 @@ def test_resolve_data_reads_the_train_split_when_there_is_one(tmp_path):
     assert resolve_data(str(tmp_path / "split"))[0] == tmp_path / "split" / "train"
     with pytest.raises(ValueError, match="not a directory"):
         resolve_data(str(tmp_path / "missing"))
+
+
+def test_schedule_projection_interpolates_unmeasured_sizes_in_pixels():
+    from convnext_fast.benchmark.projection import project_schedule, rate_at
+    from convnext_fast.schedule import ResolutionSchedule
+
+    rates = {128: 400.0, 192: 100.0}
+    assert rate_at(rates, 128) == (400.0, "measured")
+    rate, how = rate_at(rates, 160)  # seconds per image linear in pixels between 128 and 192
+    t = 1 / 400 + (1 / 100 - 1 / 400) * (160 ** 2 - 128 ** 2) / (192 ** 2 - 128 ** 2)
+    assert how == "interpolated" and rate == pytest.approx(1 / t)
+    assert rate_at(rates, 96) == (pytest.approx(400 * (128 / 96) ** 2), "extrapolated")
+    records = [{"kind": "step", "name": "fast", "img_size": s, "samples_per_sec": r} for s, r in rates.items()]
+    sched = ResolutionSchedule(img_size=192, epochs=8, start_size=128, ramp=(4, 6))  # 128 x4, 160, 192 x3
+    assert sched.per_epoch == [128] * 4 + [160, 192, 192, 192]
+    p = project_schedule(records, sched, 1000, "convnext_atto", 10)
+    assert p["fixed_s"] == pytest.approx(8 * 1000 / 100)
+    assert p["progressive_s"] == pytest.approx(4 * 1000 / 400 + 1000 * t + 3 * 1000 / 100)
+    assert [s["epochs"] for s in p["per_size"]] == [4, 1, 3] and 0.4 < p["flops_ratio"] < 0.8

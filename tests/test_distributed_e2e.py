@@ -81,9 +81,11 @@ def _describe(rc, out, ranks) -> str:
 
 @pytest.fixture(scope="module")
 def two_rank_run(data_dir, tmp_path_factory):
-    """A 2-epoch, 2-rank run with the default run directory (runs/<timestamp> under the working directory)."""
+    """A 2-epoch, 2-rank run with the default run directory (runs/<timestamp> under the working directory), with
+    progressive resolution (32 px, then 64): every rank trains each epoch at the schedule's size."""
     cwd = tmp_path_factory.mktemp("cwd")
-    rc, out, ranks, wall = torchrun([str(data_dir), *TRAIN_FLAGS, "--epochs", "2"], cwd=cwd,
+    progressive = ["--img-size", "64", "--progressive", "32", "--ramp", "1:2"]
+    rc, out, ranks, wall = torchrun([str(data_dir), *TRAIN_FLAGS, *progressive, "--epochs", "2"], cwd=cwd,
                                     log_dir=tmp_path_factory.mktemp("logs"))
     assert rc == 0, _describe(rc, out, ranks)
     return cwd, ranks
@@ -104,6 +106,7 @@ def test_two_ranks_train_like_one_job(two_rank_run):
     assert resolved["steps_per_epoch"] == (N_CLASSES * N_TRAIN // 2) // BATCH  # each rank: its half, in batches
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and all(r["world_size"] == 2 for r in rows)
+    assert [r["img_size"] for r in rows] == [32, 64] and resolved["schedule"]["per_epoch"] == [32, 64]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_batch"] == global_batch
     # ... and shown, by rank 0 only.

@@ -125,8 +125,9 @@ def test_fast_step_never_syncs_on_cuda():
 
 
 @pytest.mark.slow
-def test_compiled_step_compiles_once_and_saves_plain_names():
-    """The suite's one torch.compile test on CPU: static shapes -> no recompile; raw module checkpointed.
+def test_compiled_step_one_static_graph_per_size_and_saves_plain_names():
+    """The suite's one torch.compile test on CPU: one static graph per image size (a progressive schedule's
+    sizes), never a dynamic one, no recompile on returning to a size; the raw module is checkpointed.
 
     A tiny conv net instead of ConvNeXt keeps inductor's C++ codegen to seconds on a 2-core CI machine (atto
     takes minutes); the engine code path is the same.
@@ -139,12 +140,22 @@ def test_compiled_step_compiles_once_and_saves_plain_names():
                           nn.Linear(8, 3)).to(memory_format=torch.channels_last)
     speed = dataclasses.replace(CPU_FAST, compile=True)
     eng = build_engine("tiny", 3, device="cpu", speed=speed, recipe=RecipeConfig(mixup=0.8, smoothing=0.1),
-                       lr=1e-3, model=model)
+                       lr=1e-3, model=model, num_sizes=2)
     assert eng.train_module is not eng.model and hasattr(eng.train_module, "_orig_mod")
     before = eng.model[0].weight.detach().clone()
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        losses = [eng.train_step(*batch(seed=s)) for s in range(3)]
+    losses = [eng.train_step(*batch(seed=s, size=32)) for s in range(2)]
+    assert eng.compiled_graphs == 1
+    losses += [eng.train_step(*batch(seed=s, size=48)) for s in range(2)]
+    assert eng.compiled_graphs == 2  # the second size: one more graph
+    with torch._dynamo.config.patch(error_on_recompile=True):  # both sizes are cached now
+        losses += [eng.train_step(*batch(seed=9, size=32)), eng.train_step(*batch(seed=9, size=48))]
+    assert eng.compiled_graphs == 2
+    # Static, not dynamic: a third size compiles a third graph (automatic dynamic shapes would have made the
+    # second graph dynamic and reused it here).
+    eng.train_step(*batch(size=40))
+    assert eng.compiled_graphs == 3
     assert all(torch.isfinite(x) for x in losses)
     assert not torch.equal(eng.model[0].weight, before)  # the compiled module trains the raw one's parameters
     assert list(eng.state_dict()["model"]) == list(model.state_dict())  # plain names, no _orig_mod.
     assert eng.eval_logits(batch(n=3)[0]).shape == (3, 3)  # eval: raw module, any batch size
+    assert build_engine("tiny", 3, device="cpu", speed=CPU_FAST, model=model).compiled_graphs is None  # eager

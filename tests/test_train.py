@@ -161,6 +161,39 @@ def test_sigterm_then_resume_equals_straight_run(straight, data, tmp_path, monke
     same_weights(out / "model.safetensors", straight / "model.safetensors")
 
 
+# Progressive resolution 32 -> 48 -> 64 over 3 epochs (ramp 1:3, step 16), evaluated at 48.
+PROGRESSIVE = [*FLAGS, "--img-size", "64", "--progressive", "32", "--ramp", "1:3", "--res-step", "16", "--epochs", "3",
+               "--eval-img-size", "48"]
+
+
+def test_progressive_run_records_sizes_and_resumes_exactly_mid_ramp(data, tmp_path, monkeypatch, capsys):
+    straight = tmp_path / "straight"
+    assert main(["train", str(data), "--out", str(straight), *PROGRESSIVE]) == 0
+    shown = capsys.readouterr().out
+    assert "resolution: train 32px epoch 1 | 48px epoch 2 | 64px epoch 3" in shown and "eval 48px" in shown
+    assert "training size 32 -> 48 px" in shown
+    metrics = rows(straight)
+    assert [(r["img_size"], r["eval_img_size"]) for r in metrics] == [(32, 48), (48, 48), (64, 48)]
+    saved = json.loads((straight / "config.json").read_text())
+    assert saved["resolved"]["schedule"]["per_epoch"] == [32, 48, 64] and saved["data"]["progressive"] == 32
+    assert load_weights(straight / "model.safetensors")[1]["img_size"] == 48  # eval's default: the run's eval size
+
+    out = tmp_path / "run"
+    _sigterm_after(monkeypatch, 4)  # epoch 2 (48 px), after its first batch: inside the ramp
+    assert main(["train", str(data), "--out", str(out), *PROGRESSIVE]) == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["meta"]["schedule"]["per_epoch"] == [32, 48, 64]
+    capsys.readouterr()
+    # A schedule that would relabel the epochs already trained (epoch 2 at 64 px with --res-step 32) is refused.
+    assert main(["train", "--resume", str(out), "--res-step", "32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "epoch 2 was trained at 48 px" in err and len(err.splitlines()) == 1
+    assert main(["train", "--resume", str(out)]) == 0
+    same_rows(rows(out), metrics)
+    assert [r["img_size"] for r in rows(out)] == [32, 48, 64]
+    same_weights(out / "checkpoints" / "last.pt", straight / "checkpoints" / "last.pt")
+
+
 def test_non_finite_loss_stops_naming_the_step(data, tmp_path, monkeypatch, capsys):
     original = Engine.train_step
 

@@ -9,6 +9,8 @@ import json
 import os
 from pathlib import Path
 
+from convnext_fast.benchmark.projection import projection_lines
+
 __all__ = ["render_tables", "to_markdown", "write_json", "write_markdown", "write_plot"]
 
 _KIND_ORDER = {"loader": 0, "step": 1, "loop": 2}
@@ -108,6 +110,8 @@ def render_tables(doc: dict, console) -> None:
     console.print(summary)
     for s in doc["summary"]:
         console.print(f"[bold]{s['img_size']}px[/bold]: {s['verdict']}")
+    for line in projection_lines(doc.get("projection")):
+        console.print(line, markup=False)
 
 
 def _md_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -149,6 +153,8 @@ def to_markdown(doc: dict) -> str:
         "",
         *[f"- **{s['img_size']}px**: {s['verdict']}" for s in doc["summary"]],
         "",
+        *(["## Progressive resolution: projected step time of a whole run", ""]
+          + [f"- {line}" for line in projection_lines(doc["projection"])] + [""] if doc.get("projection") else []),
         "## Notes",
         "",
         *[f"- {n}" for n in doc["notes"]],

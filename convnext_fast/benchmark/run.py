@@ -30,6 +30,7 @@ from convnext_fast.benchmark.timing import Meter, PeakMemory, endless, interleav
 from convnext_fast.config import RecipeConfig
 from convnext_fast.data import ImageIndex, build_loader, scan_folder
 from convnext_fast.engine import BASELINE_SPEED, FAST_SPEED, SpeedConfig, build_engine
+from convnext_fast.schedule import ResolutionSchedule
 
 __all__ = ["BenchConfig", "RECIPE", "SPEED_FEATURES", "ablation_speeds", "resolve_data", "run_benchmark", "summarize"]
 
@@ -58,6 +59,7 @@ class BenchConfig:
     fast: SpeedConfig  # the fast step's speed features (FAST_SPEED with --amp / --no-compile applied)
     ablation_sizes: tuple[int, ...]
     peak_tflops: float | None = None
+    schedule: ResolutionSchedule | None = None  # a progressive run to project from the measured step throughput
     quick: bool = False
     seed: int = 0
     data_note: str = ""  # where `data` came from (e.g. "demo dataset")
@@ -299,12 +301,22 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = _log_default, c
         "memory_kind": PeakMemory(cfg.device).kind,
         "results": records,
         "summary": summary,
+        "projection": _projection(cfg, records, run.num_classes),
         "notes": _notes(cfg),
     }
 
 
+def _projection(cfg: BenchConfig, records: list[dict], num_classes: int) -> dict | None:
+    from convnext_fast.benchmark.projection import project_schedule
+
+    if cfg.schedule is None or not any(r["kind"] == "step" and "error" not in r for r in records):
+        return None
+    return project_schedule(records, cfg.schedule, cfg.dataset_size, cfg.model, num_classes)
+
+
 def _config_dict(cfg: BenchConfig, num_images: int, num_classes: int) -> dict:
     d = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    d.update(schedule=cfg.schedule.to_dict() if cfg.schedule else None)
     d.update(data=str(cfg.data), device=str(cfg.device), sizes=list(cfg.sizes), loaders=list(cfg.loaders),
              ablation_sizes=list(cfg.ablation_sizes), fast=dataclasses.asdict(cfg.fast),
              baseline=dataclasses.asdict(BASELINE_SPEED), recipe=dataclasses.asdict(RECIPE),

@@ -59,6 +59,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "comma-separated, 'all' or 'none' (default all; --quick: the first size)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="device peak TFLOP/s for MFU where the built-in table does not know the device")
+    parser.add_argument("--progressive", default=None, metavar="START_PX|off",
+                        help="project a whole run's step time with progressive resolution from START_PX to the "
+                             "largest --sizes (FFCV-style ramp, as `train --progressive`) against that size fixed, "
+                             "from the measured step throughput (default: the smallest of --sizes; off: none)")
+    parser.add_argument("--epochs", type=int, default=150, help="epochs of the projected run (default 150)")
+    parser.add_argument("--ramp", default=None, metavar="START:END",
+                        help="ramp of the projected run, as `train --ramp` (default 3/4:7/8 of --epochs)")
+    parser.add_argument("--res-step", type=int, default=32, help="size rounding of the projected run (default 32)")
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--markdown", type=Path, default=None, help="write the results as markdown here")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
@@ -121,6 +129,7 @@ def build_config(args: argparse.Namespace):
     cuda = device.type == "cuda"
     fast = dataclasses.replace(FAST_SPEED, compile=cuda if args.compile is None else args.compile,
                                amp=args.amp or (FAST_SPEED.amp if cuda else "off"))
+    schedule = _schedule(args, sizes)
     data, note = resolve_data(args.data)
     steps = args.steps or quick.get("steps", steps)
     return BenchConfig(
@@ -130,7 +139,29 @@ def build_config(args: argparse.Namespace):
         warmup=args.warmup or quick.get("warmup", warmup),
         repeats=args.repeats or quick.get("repeats", 3), dataset_size=args.dataset_size,
         workers=args.workers or default_num_workers(), fast=fast, ablation_sizes=ablation_sizes,
-        peak_tflops=args.peak_tflops, quick=bool(args.quick), data_note=note)
+        peak_tflops=args.peak_tflops, quick=bool(args.quick), data_note=note, schedule=schedule)
+
+
+def _schedule(args: argparse.Namespace, sizes: tuple[int, ...]):
+    """The projected run's ResolutionSchedule (None: --progressive off, or a single size and no --progressive)."""
+    from convnext_fast.schedule import ResolutionSchedule, parse_ramp
+
+    text = args.progressive
+    if text is not None and text.lower() in ("off", "none"):
+        return None
+    if text is None and len(sizes) < 2:
+        return None
+    start = min(sizes) if text is None else _positive_int("--progressive", text)
+    ramp = parse_ramp("--ramp", args.ramp) if args.ramp else None
+    return ResolutionSchedule(img_size=max(sizes), epochs=args.epochs, start_size=start, ramp=ramp,
+                              res_step=args.res_step)
+
+
+def _positive_int(flag: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{flag}: expected an integer or off, got {text!r}") from None
 
 
 def resolved_command(cfg, data_arg: str | None) -> str:
@@ -142,6 +173,9 @@ def resolved_command(cfg, data_arg: str | None) -> str:
               "--dataset-size", str(cfg.dataset_size), "--workers", str(cfg.workers), "--amp", cfg.fast.amp,
               "--compile" if cfg.fast.compile else "--no-compile",
               "--ablation-sizes", ",".join(map(str, cfg.ablation_sizes)) or "none"]
+    s = cfg.schedule
+    parts += (["--progressive", str(s.start_size), "--epochs", str(s.epochs), "--ramp",
+               "{}:{}".format(*s.resolved_ramp), "--res-step", str(s.res_step)] if s else ["--progressive", "off"])
     if cfg.peak_tflops is not None:
         parts += ["--peak-tflops", str(cfg.peak_tflops)]
     return shlex.join(parts + (["--quick"] if cfg.quick else []))

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from convnext_fast.config import TrainConfig, build_config, field_doc
+from convnext_fast.schedule import parse_ramp
 
 
 def _number(kind: type) -> Callable[[str, str], Any]:
@@ -53,6 +54,10 @@ FLAGS: dict[str, tuple[str, str, Any, str | None]] = {
     "--val-split": ("data", "val_split", _FLOAT, "FRACTION"),
     "--loader": ("data", "loader", _text, "dali|torchvision|synthetic"),
     "--img-size": ("data", "img_size", _INT, "PX"),
+    "--progressive": ("data", "progressive", _optional(_INT), "START_PX|off"),
+    "--ramp": ("data", "ramp", parse_ramp, "START:END|auto"),
+    "--res-step": ("data", "res_step", _INT, "PX"),
+    "--eval-img-size": ("data", "eval_img_size", _optional(_INT), "PX|auto"),
     "--batch-size": ("data", "batch_size", _INT, "N"),
     "--eval-batch-size": ("data", "eval_batch_size", _INT, "N"),
     "--randaugment": ("data", "randaugment", _randaugment, "N,M|off"),
@@ -107,7 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", nargs="?", default=None, metavar="DATA",
                         help="image folder with train/ and val/ class folders, or class folders with --val-split; "
                              "omitted: the demo dataset with --preset demo")
-    parser.add_argument("--preset", default=None, metavar="NAME", help="seed-recipe | demo")
+    parser.add_argument("--preset", default=None, metavar="NAME", help="seed-recipe | seed-recipe-progressive | demo")
     parser.add_argument("--config", default=None, metavar="FILE",
                         help="TOML file with [data] [model] [optim] [recipe] [speed] [run] tables; flags override it")
     parser.add_argument("--resume", default=None, metavar="RUN_DIR",
@@ -119,7 +124,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, (section, key, parse, metavar) in FLAGS.items():
         group = groups.setdefault(section, parser.add_argument_group(section))
         default = getattr(getattr(defaults, section), key)
-        shown = "auto" if default is None and section == "speed" else default
+        shown = "auto" if default is None and (section == "speed" or key in ("ramp", "eval_img_size")) else default
+        shown = "off" if default is None and key == "progressive" else shown
         help_text = f"{field_doc(section, key)} (default: {shown})".replace("%", "%%")
         if parse == "bool":
             group.add_argument(flag, dest=_dest(flag), action=argparse.BooleanOptionalAction,

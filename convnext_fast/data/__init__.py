@@ -19,6 +19,7 @@ from typing import Iterator, NamedTuple, Protocol
 
 import torch
 
+from convnext_fast.schedule import ResolutionSchedule
 from convnext_fast.data.index import (
     IMG_EXTENSIONS,
     DatasetError,
@@ -81,9 +82,14 @@ class LoaderConfig:
     cache: str = "off"  # decoded-image cache: off | auto | host | device (see convnext_fast.data.cache)
     cache_size: int | None = None  # cache images resized to fit cache_size x cache_size; None = stored size
     extra: tuple[tuple[str, object], ...] = ()  # backend-specific options (backend_kwargs), sorted
+    schedule: ResolutionSchedule | None = None  # train: the size per epoch (progressive); None = img_size always
 
     def option(self, name: str, default=None):
         return dict(self.extra).get(name, default)
+
+    def size_at(self, epoch: int) -> int:
+        """The output size of epoch ``epoch``: the schedule's when there is one, else ``img_size``."""
+        return self.img_size if self.schedule is None else self.schedule.size(epoch)
 
 
 # name -> "module:function"; imported only when chosen, so DALI is never imported unless used.
@@ -151,7 +157,7 @@ def build_loader(root: str | os.PathLike | ImageIndex | None, *, train: bool, im
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct: float = 0.875,
                  dtype: torch.dtype = torch.float32, num_workers: int | None = None, skip_bad: bool = False,
                  verify_images: bool = False, cache: str = "off", cache_size: int | None = None,
-                 **backend_kwargs) -> Loader:
+                 schedule: ResolutionSchedule | None = None, **backend_kwargs) -> Loader:
     """A loader over `root` (a class-folder directory or an `ImageIndex`) for one shard.
 
     train=True: random-resized-crop, resize to `img_size`, flip, RandAugment, optional random erasing,
@@ -161,11 +167,18 @@ def build_loader(root: str | os.PathLike | ImageIndex | None, *, train: bool, im
     cache (dali backend): "off"; "device" | "host": decode every image once into one uint8 tensor on the device or
     in pinned host memory, later epochs only augment; "auto": device, else host, else off by free memory.
     cache_size=N caches images resized to fit NxN (aspect kept); None = stored size. Other backends ignore both.
+    schedule (train only): a `ResolutionSchedule`; each epoch's batches have its `size(epoch)` (read in
+    `set_epoch`); `img_size` must be its final size. None = `img_size` every epoch.
     """
     if backend not in BACKENDS:
         raise ValueError(f"--loader {backend!r}: expected one of {', '.join(BACKENDS)}")
     _check_options(train, img_size, batch_size, tuple(scale), tuple(ratio), hflip, randaugment, reprob, crop_pct,
                    cache, cache_size)
+    if schedule is not None:
+        if not train:
+            raise ValueError("a resolution schedule is for training loaders (evaluate at one size)")
+        if schedule.img_size != img_size:
+            raise ValueError(f"img_size {img_size} differs from the schedule's final size {schedule.img_size}")
     if root is None:
         if backend != "synthetic":
             raise ValueError(f"backend {backend!r} needs an image folder")
@@ -182,6 +195,7 @@ def build_loader(root: str | os.PathLike | ImageIndex | None, *, train: bool, im
         reprob=float(reprob), mean=tuple(map(float, mean)), std=tuple(map(float, std)), crop_pct=float(crop_pct),
         dtype=dtype, num_workers=default_num_workers() if num_workers is None else int(num_workers), cache=cache,
         cache_size=None if cache_size is None else int(cache_size), extra=tuple(sorted(backend_kwargs.items())),
+        schedule=schedule,
     )
     module_name, fn_name = BACKENDS[backend].split(":")
     return getattr(importlib.import_module(module_name), fn_name)(index, cfg)

@@ -30,16 +30,18 @@ from convnext_fast.data import Batch, DatasetError, ImageIndex, LoaderConfig, ep
 _BILINEAR = T.InterpolationMode.BILINEAR
 
 
-def build_transform(cfg: LoaderConfig) -> T.Compose:
-    """torchvision's reference classification transforms for ``cfg`` (train or eval)."""
+def build_transform(cfg: LoaderConfig, size: int | None = None) -> T.Compose:
+    """torchvision's reference classification transforms for ``cfg`` (train or eval) at ``size`` (default
+    ``cfg.img_size``)."""
+    size = cfg.img_size if size is None else int(size)
     if not cfg.train:
         return T.Compose([
-            T.Resize(int(cfg.img_size / cfg.crop_pct), interpolation=_BILINEAR, antialias=True),
-            T.CenterCrop(cfg.img_size),
+            T.Resize(int(size / cfg.crop_pct), interpolation=_BILINEAR, antialias=True),
+            T.CenterCrop(size),
             T.ToTensor(),
             T.Normalize(cfg.mean, cfg.std),
         ])
-    ops: list = [T.RandomResizedCrop(cfg.img_size, scale=cfg.scale, ratio=cfg.ratio, interpolation=_BILINEAR,
+    ops: list = [T.RandomResizedCrop(size, scale=cfg.scale, ratio=cfg.ratio, interpolation=_BILINEAR,
                                      antialias=True)]
     if cfg.hflip > 0:
         ops.append(T.RandomHorizontalFlip(cfg.hflip))
@@ -67,33 +69,44 @@ def _sample_seed(seed: int, epoch: int, position: int) -> int:
 
 
 class FolderDataset(Dataset):
-    """Items are keyed by ``(position, epoch)`` from the sampler; returns ``(image tensor, class index)``."""
+    """Items are keyed by ``(position, epoch, size)`` from the sampler; returns ``(image tensor, class index)``.
 
-    def __init__(self, samples: list[tuple[str, int]], transform: T.Compose, seed: int, train: bool):
+    The size travels with the key (not as dataset state) so persistent workers, which hold their own copy of
+    the dataset, follow a progressive schedule from the first batch of each epoch.
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], cfg: LoaderConfig):
         self.samples = samples
-        self.transform = transform
-        self.seed = seed
-        self.train = train
+        self.cfg = cfg
+        self.seed = cfg.seed
+        self.train = cfg.train
+        self._transforms: dict[int, T.Compose] = {}
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        position, epoch = key
+    def transform(self, size: int) -> T.Compose:
+        if size not in self._transforms:
+            self._transforms[size] = build_transform(self.cfg, size)
+        return self._transforms[size]
+
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
+        position, epoch, size = key
         path, target = self.samples[position]
         img = load_rgb(path)
+        transform = self.transform(size)
         if not self.train:  # eval transforms are deterministic
-            return self.transform(img), target
+            return transform(img), target
         # torchvision transforms draw from torch's global RNG. A worker process owns its RNG; in the main
         # process (num_workers=0) fork it so the caller's RNG stream is left untouched.
         in_worker = get_worker_info() is not None
         with torch.random.fork_rng(devices=[], enabled=not in_worker):
             torch.manual_seed(_sample_seed(self.seed, epoch, position))
-            return self.transform(img), target
+            return transform(img), target
 
 
 class _EpochSampler:
-    """Yields ``(position, epoch)`` for the current epoch; read by the DataLoader in the main process."""
+    """Yields ``(position, epoch, size)`` for the current epoch; read by the DataLoader in the main process."""
 
     def __init__(self, n: int, cfg: LoaderConfig):
         self.n, self.cfg, self.epoch = n, cfg, 0
@@ -112,9 +125,9 @@ class _EpochSampler:
     def __len__(self) -> int:
         return len(self.positions)
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.epoch
-        return ((int(p), epoch) for p in self.positions)
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        epoch, size = self.epoch, self.cfg.size_at(self.epoch)
+        return ((int(p), epoch, size) for p in self.positions)
 
 
 def _unwrap(err: DatasetError) -> DatasetError:
@@ -135,7 +148,7 @@ class TorchvisionLoader:
         self.class_to_idx = dict(index.class_to_idx)
         self._sampler = _EpochSampler(len(index), cfg)
         self.num_samples = len(self._sampler)
-        dataset = FolderDataset(list(index.samples), build_transform(cfg), cfg.seed, cfg.train)
+        dataset = FolderDataset(list(index.samples), cfg)
         workers = cfg.num_workers
         self._loader = DataLoader(
             dataset, batch_size=cfg.batch_size, sampler=self._sampler, num_workers=workers,
@@ -148,6 +161,11 @@ class TorchvisionLoader:
 
     def __len__(self) -> int:
         return len(self._loader)
+
+    @property
+    def img_size(self) -> int:
+        """This epoch's output size (the schedule's, set by `set_epoch`)."""
+        return self.cfg.size_at(self._sampler.epoch)
 
     def set_epoch(self, epoch: int) -> None:
         self._sampler.set_epoch(int(epoch))

@@ -37,7 +37,7 @@ def _randaugment_on(cfg: LoaderConfig) -> bool:
 def input_names(cfg: LoaderConfig, cached: str | None = None) -> tuple[str, ...]:
     """The per-sample host plans the pipeline for `cfg` reads (besides the encoded bytes or cached pixels)."""
     sizes = ("cache_h", "cache_w") if cached == "padded" else ()
-    return sizes + ("roi_start", "roi_end") + (_RA_INPUTS if _randaugment_on(cfg) else ())
+    return sizes + ("out_size", "roi_start", "roi_end") + (_RA_INPUTS if _randaugment_on(cfg) else ())
 
 
 def _train_augment(img, p: dict, dev: str):
@@ -96,14 +96,14 @@ def _graph(cfg: LoaderConfig, dev: str, cached: str | None = None):
         img = fn.external_source(name="pixels", device=dev, dtype=types.UINT8, ndim=3, layout="HWC")
         if cached == "padded":
             img = fn.crop(img, crop_h=p["cache_h"], crop_w=p["cache_w"], crop_pos_x=0.0, crop_pos_y=0.0)
-    S = cfg.img_size
     if _randaugment_on(cfg):
         if p["geom"]:
             # A 1-px black border, so the warp's cheap clamp-to-edge border reads as torchvision's black fill.
             img = fn.crop(img, crop_h=p["pad_h"], crop_w=p["pad_w"], crop_pos_x=0.5, crop_pos_y=0.5,
                           out_of_bounds_policy="pad", fill_values=0)
             img = fn.warp_affine(img, matrix=p["warp"], size=p["warp_size"], interp_type=types.INTERP_LINEAR)
-    img = fn.resize(img, size=(S, S), roi_start=p["roi_start"], roi_end=p["roi_end"], roi_relative=False,
+    # The output size is a per-sample input (the epoch's size from the schedule): one pipeline serves every size.
+    img = fn.resize(img, size=p["out_size"], roi_start=p["roi_start"], roi_end=p["roi_end"], roi_relative=False,
                     antialias=True, interp_type=types.INTERP_LINEAR, dtype=types.UINT8)
     if _randaugment_on(cfg):
         img = _train_augment(img, p, dev)
@@ -146,6 +146,11 @@ class DaliLoader:
         B = self.cfg.batch_size
         return self.num_samples // B if self.cfg.train else -(-self.num_samples // B)
 
+    @property
+    def img_size(self) -> int:
+        """This epoch's output size (the schedule's, set by `set_epoch`); the pipeline is the same for all."""
+        return self.cfg.size_at(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
         if int(epoch) != self._epoch:
             self._epoch = int(epoch)
@@ -170,7 +175,8 @@ class DaliLoader:
                 raise DatasetError(f"cannot read image {self._paths[pos]}: {type(e).__name__}: {e}") from e
         return self._sizes[pos]
 
-    def _batch_plans(self, epoch: int, positions: np.ndarray) -> Iterator[tuple]:
+    def _batch_plans(self, epoch: int, positions: np.ndarray, size: int) -> Iterator[tuple]:
+        """Each batch's feed for `epoch` at output `size` (captured when the epoch's iteration starts)."""
         c, B = self.cfg, self.cfg.batch_size
         cache = self._cache
         for b in range(len(self)):
@@ -186,11 +192,11 @@ class DaliLoader:
                     feed.update(cache_h=sizes[:, 1].astype(np.float32), cache_w=sizes[:, 0].astype(np.float32))
             if c.train:
                 rng = np.random.default_rng([c.seed, epoch, c.shard_id, b])
-                plan = plan_train_batch(rng, sizes, img_size=c.img_size, scale=c.scale, ratio=c.ratio,
+                plan = plan_train_batch(rng, sizes, img_size=size, scale=c.scale, ratio=c.ratio,
                                         hflip=c.hflip, randaugment=c.randaugment)
             else:
-                plan = plan_eval_batch(sizes, img_size=c.img_size, crop_pct=c.crop_pct)
-            feed.update(plan)
+                plan = plan_eval_batch(sizes, img_size=size, crop_pct=c.crop_pct)
+            feed.update(plan, out_size=np.full((len(pos), 2), size, np.float32))
             yield b, pos, feed
 
     def _feed(self) -> None:
@@ -319,7 +325,7 @@ class DaliLoader:
             self._drain()
         pipe = self._pipe
         self._iter_epoch = self._epoch
-        self._plans = self._batch_plans(self._epoch, self._positions)
+        self._plans = self._batch_plans(self._epoch, self._positions, self.cfg.size_at(self._epoch))
         self._dirty = True
         try:
             pipe.schedule_run()  # the first call prefetches prefetch_queue_depth batches

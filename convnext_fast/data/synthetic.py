@@ -39,6 +39,11 @@ class SyntheticLoader:
     def __len__(self) -> int:
         return self._len
 
+    @property
+    def img_size(self) -> int:
+        """This epoch's output size (the schedule's, set by `set_epoch`)."""
+        return self.cfg.size_at(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
         if epoch != self._epoch:
             self._epoch = epoch
@@ -50,7 +55,7 @@ class SyntheticLoader:
         g = torch.Generator().manual_seed(int(seed))
         out = []
         for _ in range(min(DISTINCT_BATCHES, self._len)):
-            images = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, generator=g)
+            images = torch.randn(cfg.batch_size, 3, self.img_size, self.img_size, generator=g)
             labels = torch.randint(0, len(self.classes), (cfg.batch_size,), generator=g)
             images = images.to(cfg.device, cfg.dtype).contiguous(memory_format=torch.channels_last)
             out.append(Batch(images, labels.to(cfg.device)))
