@@ -2,8 +2,9 @@
 
 The index reproduces `torchvision.datasets.ImageFolder` exactly (same extensions, same class sort, same sample
 order), so a model trained here and a user's torchvision code agree on what label 7 means. Preflight catches the
-bad files that would otherwise crash a run hours in: cheap checks (size, magic bytes, JPEG end marker) always run
-and take seconds for 70k files; a full decode check runs on request (`verify_images=True`).
+bad files that would otherwise crash a run hours in: cheap checks (size, magic bytes, JPEG end marker, a parsed
+header: `headers.py`) always run; a full decode check runs on request (`verify_images=True`) and is remembered per
+file (`verified.py`), so a later run decodes only what changed.
 """
 
 from __future__ import annotations
@@ -133,12 +134,28 @@ def decode_check(path: str) -> str | None:
     return None
 
 
-def _find_bad(paths: list[str], verify_images: bool) -> dict[str, str]:
-    check = (lambda p: cheap_check(p) or decode_check(p)) if verify_images else cheap_check
-    workers = min(16, (os.cpu_count() or 1) * 4)  # I/O bound; decode releases the GIL in PIL
+def _check_all(check, paths: list[str]) -> dict[str, str]:
+    workers = min(16, (os.cpu_count() or 1) * 4)  # I/O bound; PIL's header parse and decode release the GIL
     with ThreadPoolExecutor(max_workers=workers) as pool:
         reasons = list(pool.map(check, paths, chunksize=256))
     return {p: r for p, r in zip(paths, reasons) if r is not None}
+
+
+def _find_bad(root: Path, paths: list[str], verify_images: bool) -> dict[str, str]:
+    """Bad files and why. Every file: size, magic bytes, end marker and a parsed header. With `verify_images`, a
+    full decode of the files the verification record does not already hold unchanged."""
+    from convnext_fast.data.headers import header_check
+
+    bad = _check_all(lambda p: cheap_check(p) or header_check(p), paths)
+    if not verify_images:
+        return bad
+    from convnext_fast.data.verified import VerificationRecord
+
+    record = VerificationRecord(root)
+    todo, keys = record.unchanged([p for p in paths if p not in bad])
+    bad.update(_check_all(decode_check, todo))
+    record.update([p for p in paths if p not in bad], keys)
+    return bad
 
 
 def scan_folder(root: str | os.PathLike, *, skip_bad: bool = False, verify_images: bool = False) -> ImageIndex:
@@ -160,7 +177,7 @@ def scan_folder(root: str | os.PathLike, *, skip_bad: bool = False, verify_image
             f"{root}: {len(empty)} class folder(s) hold no image file ({', '.join(IMG_EXTENSIONS)}):\n"
             + format_paths(empty)
         )
-    bad = _find_bad([p for p, _ in samples], verify_images)
+    bad = _find_bad(root, [p for p, _ in samples], verify_images)
     skipped: list[str] = []
     if bad:
         listed = [f"{p}: {why}" for p, why in bad.items()]
