@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from convnext_fast import checkpoint as ckpt_io
+from convnext_fast import run_guard
 from convnext_fast.config import TrainConfig
 from convnext_fast.data import build_loader
 from convnext_fast.data.splits import resolve_train_val
@@ -110,7 +111,8 @@ def _save(run_dir: Path, name: str, engine: Engine, state: LoopState, meta: dict
     rng = ckpt_io.gather_rng_states()
     path = run_dir / "checkpoints" / name
     if dist.is_main:
-        ckpt_io.atomic_save({"format": ckpt_io.FORMAT, "meta": meta, "engine": engine.state_dict(),
+        ckpt_io.atomic_save({"format": ckpt_io.FORMAT, "meta": {k: v for k, v in meta.items() if k != "data"},
+                             "data": meta.get("data"), "engine": engine.state_dict(),
                              "loop": dataclasses.asdict(state), "rng": rng}, path)
     return path
 
@@ -136,6 +138,7 @@ class _Run:
     state: LoopState
     reporter: RunReporter
     progress: TrainProgress
+    lock: Any = None  # the run directory's lock (rank 0), held until the run ends
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, tty: bool | None = None) -> dict:
@@ -158,6 +161,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, tty: bool | None = None) ->
             run.progress.close()
             run.train_loader.close()
             run.val_loader.close()
+            if run.lock is not None:
+                run.lock.release()
         destroy_distributed()
 
 
@@ -170,15 +175,26 @@ def _setup(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None) -> 
     torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul left on Ampere+ (no effect on CPU)
     run_dir = Path(cfg.run.out) if cfg.run.out else default_run_dir(cfg.run.name)
     run_dir = Path(all_gather_object(str(run_dir))[0])  # rank 0's name: the timestamps of ranks may differ
-    if not resume and (run_dir / "checkpoints" / "last.pt").exists():
-        raise ValueError(f"--out {run_dir} already holds a run; continue it with --resume {run_dir} or choose "
-                         f"another --out")
+    run_guard.refuse_finished(run_dir, resume)  # early; checked again under the lock
     check_model_name(cfg.model.name)  # fail before scanning a large dataset
-    train_index, val_index = resolve_train_val(cfg.data, seed=cfg.run.seed)
+    # --skip-bad-files: train keeps bad files in place (replaced by the loader): positions don't depend on them.
+    train_index, val_index = resolve_train_val(cfg.data, seed=cfg.run.seed, keep_bad_train=cfg.data.skip_bad)
+    lock = run_guard.claim_run_dir(run_dir, dist, resume)  # after the preflight: a bad file writes nothing
+    try:
+        return _build_run(cfg, dist, resume, tty, run_dir, train_index, val_index, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _build_run(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None, run_dir: Path, train_index,
+               val_index, lock) -> _Run:
+    log = run_guard.bad_files_log(run_dir, train_index, cfg.data.skip_bad, dist)
     classes, d, dev = train_index.classes, cfg.data, dist.device
     common = dict(img_size=d.img_size, backend=d.loader, device=dev, seed=cfg.run.seed, shard_id=dist.rank,
                   num_shards=dist.world_size, num_workers=d.num_workers, crop_pct=d.crop_pct, cache=d.cache,
-                  cache_size=d.cache_size)
+                  cache_size=d.cache_size, skip_bad=d.skip_bad, bad_files_log=log)
     train_loader = build_loader(train_index, train=True, batch_size=d.batch_size, scale=d.scale, hflip=d.hflip,
                                 randaugment=d.randaugment, reprob=d.reprob, **common)
     val_loader = build_loader(val_index, train=False, batch_size=d.eval_batch_size or 2 * d.batch_size, **common)
@@ -196,7 +212,7 @@ def _setup(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None) -> 
     sched = WarmupCosine(engine.optimizer, base_lr=lr, min_lr=cfg.optim.min_lr, total_steps=total_steps,
                          warmup_steps=min(round(cfg.optim.warmup_epochs * steps), total_steps))
     meta = {"model_name": cfg.model.name, "num_classes": len(classes), "classes": classes, "img_size": d.img_size,
-            "crop_pct": d.crop_pct, "config": cfg.to_dict()}
+            "crop_pct": d.crop_pct, "config": cfg.to_dict(), "data": run_guard.fingerprints(train_index, val_index, log)}
     state = LoopState()
     if resume:
         # On the host: load_state_dict copies weights and optimizer state to the device; RNG states stay host-side.
@@ -206,17 +222,22 @@ def _setup(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None) -> 
         if len(ckpt["rng"]) != dist.world_size:  # the shards, global batch and lr would all change
             raise ValueError(f"--resume {run_dir}: the checkpoint was saved by {len(ckpt['rng'])} process(es) and "
                              f"this job has {dist.world_size}; resume with the same number of processes")
+        run_guard.check_data(ckpt.get("data"), meta["data"], train_index, val_index, run_dir,
+                             cfg.run.allow_data_change)
         engine.load_state_dict(ckpt["engine"])
         state = LoopState(**ckpt["loop"])
         ckpt_io.set_rng_state(ckpt["rng"][dist.rank])
+        if dist.is_main:
+            run_guard.repair_after_kill(run_dir, state, engine.ema.module if engine.ema is not None else engine.model,
+                                        meta)
     run = _Run(cfg=cfg, dist=dist, run_dir=run_dir, train_loader=train_loader, val_loader=val_loader, engine=engine,
                sched=sched, lr=lr, meta=meta, state=state, reporter=RunReporter(run_dir, classes, is_main=dist.is_main),
-               progress=TrainProgress(enabled=dist.is_main, epochs=cfg.run.epochs, tty=tty))
+               progress=TrainProgress(enabled=dist.is_main, epochs=cfg.run.epochs, tty=tty), lock=lock)
     if dist.is_main:
         resolved = {"lr": lr, "global_batch": d.batch_size * dist.world_size, "world_size": dist.world_size,
                     "steps_per_epoch": steps, "device": str(dev), "speed": dataclasses.asdict(engine.speed),
                     "train_root": str(train_index.root), "val_root": str(val_index.root),
-                    "num_train": len(train_index), "num_val": len(val_index)}
+                    "num_train": len(train_index) - run_guard.num_bad(train_index), "num_val": len(val_index)}
         atomic_write_text(run_dir / "config.json", json.dumps({**cfg.to_dict(), "resolved": resolved}, indent=2))
         atomic_write_text(run_dir / "classes.json", json.dumps(classes, indent=2))
         _write_rows(run_dir, state.rows)  # a resumed run drops rows logged after its checkpoint
@@ -320,13 +341,14 @@ def _train(run: _Run, stop: _StopRequest, t_start: float) -> dict:
                                and epoch + 1 < cfg.run.epochs)
         state.wall_time_s += time.perf_counter() - t_start
         t_start = time.perf_counter()
-        reporter.log_epoch(row)
-        _save(run_dir, "last.pt", engine, state, meta, dist)
-        if improved and dist.is_main:
-            ckpt_io.atomic_link(run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt")
-            weights = engine.ema.module if engine.ema is not None else engine.model
-            ckpt_io.export_safetensors(weights.state_dict(), run_dir / "model.safetensors",
-                                       {k: meta[k] for k in ckpt_io.META_KEYS})
+        with run_guard.saving(run_dir):  # the write order and why it survives a kill: see run_guard
+            reporter.log_epoch(row)
+            _save(run_dir, "last.pt", engine, state, meta, dist)
+            if improved and dist.is_main:
+                ckpt_io.atomic_link(run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt")
+                weights = engine.ema.module if engine.ema is not None else engine.model
+                ckpt_io.export_safetensors(weights.state_dict(), run_dir / "model.safetensors",
+                                           {k: meta[k] for k in ckpt_io.META_KEYS})
         progress.end_epoch(row)
         if state.stopped_early:
             progress.log(f"early stopping: no better val top-1 for {patience} epochs "
@@ -341,7 +363,8 @@ def _train(run: _Run, stop: _StopRequest, t_start: float) -> dict:
 def _interrupted(run_dir: Path, engine: Engine, state: LoopState, meta: dict, dist: DistInfo, stop: _StopRequest,
                  progress: TrainProgress, saved: bool = False) -> Interrupted:
     progress.close()
-    path = run_dir / "checkpoints" / "last.pt" if saved else _save(run_dir, "last.pt", engine, state, meta, dist)
+    with run_guard.saving(run_dir):
+        path = run_dir / "checkpoints" / "last.pt" if saved else _save(run_dir, "last.pt", engine, state, meta, dist)
     signum = stop.signum or signal.SIGINT
     where = f"epoch {state.epoch + 1}, batch {state.batch_in_epoch}" if state.batch_in_epoch else \
         f"the end of epoch {state.epoch}"

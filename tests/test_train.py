@@ -31,7 +31,7 @@ FLAGS = ["--loader", "torchvision", "--workers", "0", "--model", "convnext_atto"
          "--model-ema-decay", "0.9", "--tta", "--randaugment", "2,9", "--epochs", "2"]
 COMPARED = ("epoch", "step", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "ema_val_loss", "ema_val_top1",
             "ema_val_top5")
-RUN_FILES = ["checkpoints/best.pt", "checkpoints/last.pt", "classes.json", "config.json", "metrics.jsonl",
+RUN_FILES = [".lock", "checkpoints/best.pt", "checkpoints/last.pt", "classes.json", "config.json", "metrics.jsonl",
              "model.safetensors", "plots/accuracy.png", "plots/confusion_matrix.png", "plots/loss.png",
              "plots/lr.png", "plots/per_class_accuracy.png", "summary.json"]
 
@@ -254,16 +254,17 @@ def test_bad_files_stop_before_training_unless_skipped(data, tmp_path, capsys):
     assert "skipped 1 bad image file(s)" in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["resolved"]["num_train"] == 24
 
-    # A JPEG whose middle is garbage still has its markers: only decoding finds it.
+    # A file whose header parses but whose pixels do not decode (a PNG with a zeroed IDAT): only decoding finds it.
     victim = root / "val" / "blue" / "0.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 30, 3), dtype=np.uint8)).save(victim, "PNG")
     raw = bytearray(victim.read_bytes())
-    raw[200:-10] = b"\xff\x00" * ((len(raw) - 210) // 2) + b"\x00" * ((len(raw) - 210) % 2)
-    raw[2:4] = b"\xff\xd9"  # an end-of-image right after the start: the decoder gets no frame
+    raw[raw.index(b"IDAT") + 6:raw.index(b"IDAT") + 200] = bytes(194)
     victim.write_bytes(bytes(raw))
     (root / "train" / "red" / "zz_not_an_image.jpg").unlink()
+    from convnext_fast.data.headers import header_check
     from convnext_fast.data.index import cheap_check
 
-    assert cheap_check(str(victim)) is None  # the cheap checks pass it
+    assert cheap_check(str(victim)) is None and header_check(str(victim)) is None  # the preflight passes it
     out2 = tmp_path / "run2"
     assert main(["train", str(root), "--out", str(out2), *FLAGS, *fast, "--verify-images"]) == 2
     err = capsys.readouterr().err

@@ -92,6 +92,7 @@ FLAGS: dict[str, tuple[str, str, Any, str | None]] = {
     "--name": ("run", "name", _text, "NAME"),
     "--log-every": ("run", "log_every", _INT, "STEPS"),
     "--deterministic": ("run", "deterministic", "bool", None),
+    "--allow-data-change": ("run", "allow_data_change", "bool", None),
 }
 
 

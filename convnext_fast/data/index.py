@@ -158,12 +158,15 @@ def _find_bad(root: Path, paths: list[str], verify_images: bool) -> dict[str, st
     return bad
 
 
-def scan_folder(root: str | os.PathLike, *, skip_bad: bool = False, verify_images: bool = False) -> ImageIndex:
+def scan_folder(root: str | os.PathLike, *, skip_bad: bool = False, verify_images: bool = False,
+                keep_bad: bool = False) -> ImageIndex:
     """Index `root` (one sub-folder per class) and preflight it.
 
     Raises DatasetError for: a missing root, no class folders, a single class, empty class folders, and bad
-    files (zero bytes, not an image, truncated; undecodable with `verify_images`). With `skip_bad`, bad files
-    are excluded and listed in `ImageIndex.skipped` instead.
+    files (zero bytes, not an image, truncated, a header that does not parse; undecodable with `verify_images`).
+    With `skip_bad`, bad files are excluded and listed in `ImageIndex.skipped` instead; with `keep_bad` too, they
+    stay in `samples` (listed in `skipped`) for a loader that replaces them (positions independent of which
+    files are bad: the trainer's exact resume).
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -187,12 +190,13 @@ def scan_folder(root: str | os.PathLike, *, skip_bad: bool = False, verify_image
                 + format_paths(listed)
             )
         skipped = sorted(bad)
-        samples = [s for s in samples if s[0] not in bad]
-        counts = Counter(t for _, t in samples)
+        counts = Counter(t for p, t in samples if p not in bad)
         emptied = [str(root / c) for c, i in class_to_idx.items() if counts[i] == 0]
         if emptied:
             raise DatasetError(f"{root}: no good image left in class folder(s) after skipping bad files:\n"
                                + format_paths(emptied))
+        if not keep_bad:
+            samples = [s for s in samples if s[0] not in bad]
     if len(classes) < 2:
         raise DatasetError(f"{root}: only one class folder ({classes[0]!r}); a classifier needs at least two")
     return ImageIndex(root.resolve(), classes, class_to_idx, samples, skipped)

@@ -1,0 +1,135 @@
+"""What keeps a run directory sound across faults; called by the training loop at a few points.
+
+- `claim_run_dir`: one run per ``--out`` (the lock of `convnext_fast.runlock`, rank 0 under DDP; every rank learns
+  the outcome), taken after the preflight and before anything is written.
+- `check_data`: ``--resume`` on a changed sample list refuses, naming what changed, unless allowed.
+- `bad_files_log`: ``RUN_DIR/bad_files.txt`` for ``--skip-bad-files`` (preflight-found files are listed too).
+- `saving`: a failed write during a save (a full disk) is one line naming the file and what is still intact.
+- `repair_after_kill`: a ``kill -9`` between the writes of an epoch's save leaves ``last.pt`` newer than
+  ``best.pt``/``model.safetensors``; the resume finishes those writes (and removes temp files the kill left).
+
+The order of an epoch's writes (train.py): metrics.jsonl row -> ``last.pt`` (atomic: temp + fsync + rename + dir
+fsync) -> if improved, ``best.pt`` (a hard link of ``last.pt``) -> ``model.safetensors`` (atomic). ``last.pt`` is
+the commit point: a resume rewrites metrics.jsonl from its rows and redoes the best/export step if it was cut.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+from pathlib import Path
+from typing import Iterator
+
+from convnext_fast import checkpoint as ckpt_io
+from convnext_fast.data.badfiles import read_log
+from convnext_fast.distributed import DistInfo, all_gather_object, print0
+from convnext_fast.runlock import RunLock
+
+
+def refuse_finished(run_dir: Path, resume: bool) -> None:
+    """A fresh run into a directory that already holds a checkpoint is an error (ValueError)."""
+    if not resume and (run_dir / "checkpoints" / "last.pt").exists():
+        raise ValueError(f"--out {run_dir} already holds a run; continue it with --resume {run_dir} or choose "
+                         f"another --out")
+
+
+def num_bad(index) -> int:
+    """Files of `index.samples` that the preflight found bad (kept in place with --skip-bad-files)."""
+    return len(set(index.skipped) & {p for p, _ in index.samples}) if index.skipped else 0
+
+
+def claim_run_dir(run_dir: Path, dist: DistInfo, resume: bool) -> RunLock | None:
+    """The run directory's lock (rank 0; None on other ranks). Raises ValueError on every rank if it is held, or if
+    a fresh run finds a finished checkpoint there (another run got there first)."""
+    lock, error = None, None
+    if dist.is_main:
+        try:
+            lock = RunLock(run_dir).acquire()
+            try:
+                refuse_finished(run_dir, resume)  # another run may have finished here while this one scanned
+            except ValueError:
+                lock.release()
+                raise
+        except ValueError as e:
+            error = str(e)
+    error = all_gather_object(error)[0]  # collective: every rank refuses together
+    if error:
+        raise ValueError(error)
+    return lock
+
+
+def bad_files_log(run_dir: Path, train_index, skip_bad: bool, dist: DistInfo) -> Path | None:
+    """``RUN_DIR/bad_files.txt`` when skipping bad files (None otherwise), with the train files the preflight
+    found bad appended (they keep their positions; the loader replaces them)."""
+    if not skip_bad:
+        return None
+    log = run_dir / "bad_files.txt"
+    if dist.is_main and train_index.skipped:
+        listed = read_log(log)
+        in_train = {p for p, _ in train_index.samples}
+        new = [p for p in train_index.skipped if p in in_train and p not in listed]
+        if new:
+            with open(log, "a", encoding="utf-8") as f:
+                f.writelines(f"{p}\tfailed the preflight\n" for p in new)
+    all_gather_object(None)  # the other ranks read the log after rank 0 wrote it
+    return log
+
+
+def fingerprints(train_index, val_index, log: Path | None) -> dict:
+    bad = frozenset(read_log(log))
+    return {"train": ckpt_io.data_fingerprint(train_index, bad), "val": ckpt_io.data_fingerprint(val_index, bad)}
+
+
+def check_data(saved: dict | None, now: dict, train_index, val_index, run_dir: Path, allow: bool) -> None:
+    """Refuse a resume whose sample lists differ from the checkpoint's (ValueError naming the changes), or warn
+    when `allow`. A checkpoint from before fingerprints (saved None) passes."""
+    if not saved:
+        return
+    changes = []
+    for split, index in (("train", train_index), ("val", val_index)):
+        changes += [f"{split}: {c}" for c in ckpt_io.fingerprint_changes(saved[split], now[split],
+                                                                          [p for p, _ in index.samples])]
+    if not changes:
+        return
+    what = "; ".join(changes)
+    if not allow:
+        raise ValueError(f"--resume {run_dir}: the images changed since the checkpoint ({what}); an exact resume "
+                         f"needs the same files. Pass --allow-data-change to continue on the new list anyway")
+    print0(f"warning: --allow-data-change: the images changed since the checkpoint ({what}); this is no longer "
+           f"an exact resume", flush=True)
+
+
+@contextlib.contextmanager
+def saving(run_dir: Path) -> Iterator[None]:
+    """Turn a failed write during a save into a TrainingError (one line): the file, the reason, what is intact."""
+    from convnext_fast.train import TrainingError
+
+    try:
+        yield
+    except OSError as e:
+        where = e.filename or run_dir
+        full = " (the disk is full)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        raise TrainingError(
+            f"cannot write {where}: {e.strerror or e}{full}. The previous checkpoint "
+            f"{run_dir / 'checkpoints' / 'last.pt'} and {run_dir / 'model.safetensors'} are intact; free space and "
+            f"continue with: convnext-fast train --resume {run_dir}") from None
+
+
+def repair_after_kill(run_dir: Path, state, weights, meta: dict) -> None:
+    """Rank 0 at resume: finish an epoch save that a kill cut between ``last.pt`` and the best-model writes, and
+    remove temp files of writes a kill interrupted (the lock is held: no other writer is running)."""
+    for tmp in list(run_dir.glob(".*.tmp*")) + list((run_dir / "checkpoints").glob(".*.tmp*")):
+        tmp.unlink(missing_ok=True)
+    if state.best_epoch != state.epoch or state.best_epoch == 0:
+        return  # the last checkpoint is not the best: its save had nothing more to write
+    best = run_dir / "checkpoints" / "best.pt"
+    try:
+        done = best.is_file() and ckpt_io.load_checkpoint(best)["loop"]["epoch"] == state.epoch
+    except ValueError:  # a torn best.pt cannot happen (atomic link), but a foreign one is redone too
+        done = False
+    export = run_dir / "model.safetensors"
+    if done and export.is_file() and export.stat().st_mtime_ns >= best.stat().st_mtime_ns:
+        return
+    with saving(run_dir):
+        ckpt_io.atomic_link(run_dir / "checkpoints" / "last.pt", best)
+        ckpt_io.export_safetensors(weights.state_dict(), export, {k: meta[k] for k in ckpt_io.META_KEYS})
+    print0(f"resume: finished the best-model files of epoch {state.epoch} (the last save was cut short)", flush=True)
