@@ -141,10 +141,13 @@ def atomic_link(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
     tmp.unlink(missing_ok=True)
     try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:  # rename() between two links of one file does nothing and leaves `tmp`
+        tmp.unlink(missing_ok=True)
     _fsync_dir(dst.parent)
     return dst
 

@@ -15,7 +15,9 @@ the commit point: a resume rewrites metrics.jsonl from its rows and redoes the b
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -119,17 +121,43 @@ def repair_after_kill(run_dir: Path, state, weights, meta: dict) -> None:
     remove temp files of writes a kill interrupted (the lock is held: no other writer is running)."""
     for tmp in list(run_dir.glob(".*.tmp*")) + list((run_dir / "checkpoints").glob(".*.tmp*")):
         tmp.unlink(missing_ok=True)
-    if state.best_epoch != state.epoch or state.best_epoch == 0:
-        return  # the last checkpoint is not the best: its save had nothing more to write
-    best = run_dir / "checkpoints" / "best.pt"
-    try:
-        done = best.is_file() and ckpt_io.load_checkpoint(best)["loop"]["epoch"] == state.epoch
-    except ValueError:  # a torn best.pt cannot happen (atomic link), but a foreign one is redone too
-        done = False
+    if state.best_epoch != state.epoch or state.best_epoch == 0 or state.batch_in_epoch:
+        return  # last.pt is not an improved epoch's end: its save had nothing more to write
+    last, best = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
     export = run_dir / "model.safetensors"
-    if done and export.is_file() and export.stat().st_mtime_ns >= best.stat().st_mtime_ns:
+    try:  # best.pt is a hard link of that last.pt (a copy where links are unsupported), written before the export
+        linked = best.is_file() and (os.path.samefile(best, last)
+                                     or ckpt_io.load_checkpoint(best)["loop"] == ckpt_io.load_checkpoint(last)["loop"])
+    except ValueError:
+        linked = False
+    if linked and export.is_file() and export.stat().st_mtime_ns >= best.stat().st_mtime_ns:
         return
     with saving(run_dir):
         ckpt_io.atomic_link(run_dir / "checkpoints" / "last.pt", best)
         ckpt_io.export_safetensors(weights.state_dict(), export, {k: meta[k] for k in ckpt_io.META_KEYS})
     print0(f"resume: finished the best-model files of epoch {state.epoch} (the last save was cut short)", flush=True)
+
+
+def save_checkpoint(run_dir: Path, name: str, engine, state, meta: dict, dist: DistInfo) -> Path:
+    """Write checkpoints/<name> (rank 0; the RNG gather is collective, so every rank calls this)."""
+    rng = ckpt_io.gather_rng_states()
+    path = run_dir / "checkpoints" / name
+    if dist.is_main:
+        ckpt_io.atomic_save({"format": ckpt_io.FORMAT, "meta": {k: v for k, v in meta.items() if k != "data"},
+                             "data": meta.get("data"), "engine": engine.state_dict(),
+                             "loop": dataclasses.asdict(state), "rng": rng}, path)
+    return path
+
+
+def save_epoch(run_dir: Path, engine, state, meta: dict, dist: DistInfo, reporter,
+               row: dict, improved: bool) -> None:
+    """An epoch's writes, in commit order (why this order survives a kill at any point: see
+    the module docstring)."""
+    with saving(run_dir):
+        reporter.log_epoch(row)
+        save_checkpoint(run_dir, "last.pt", engine, state, meta, dist)
+        if improved and dist.is_main:
+            ckpt_io.atomic_link(run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt")
+            weights = engine.ema.module if engine.ema is not None else engine.model
+            ckpt_io.export_safetensors(weights.state_dict(), run_dir / "model.safetensors",
+                                       {k: meta[k] for k in ckpt_io.META_KEYS})

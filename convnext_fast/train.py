@@ -106,17 +106,6 @@ def _seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed + rank)
 
 
-def _save(run_dir: Path, name: str, engine: Engine, state: LoopState, meta: dict, dist: DistInfo) -> Path:
-    """Write checkpoints/<name> (rank 0; the RNG gather is collective, so every rank calls this)."""
-    rng = ckpt_io.gather_rng_states()
-    path = run_dir / "checkpoints" / name
-    if dist.is_main:
-        ckpt_io.atomic_save({"format": ckpt_io.FORMAT, "meta": {k: v for k, v in meta.items() if k != "data"},
-                             "data": meta.get("data"), "engine": engine.state_dict(),
-                             "loop": dataclasses.asdict(state), "rng": rng}, path)
-    return path
-
-
 def _write_rows(run_dir: Path, rows: list) -> None:
     atomic_write_text(run_dir / "metrics.jsonl",
                       "".join(json.dumps(to_jsonable(r), allow_nan=False) + "\n" for r in rows))
@@ -341,14 +330,7 @@ def _train(run: _Run, stop: _StopRequest, t_start: float) -> dict:
                                and epoch + 1 < cfg.run.epochs)
         state.wall_time_s += time.perf_counter() - t_start
         t_start = time.perf_counter()
-        with run_guard.saving(run_dir):  # the write order and why it survives a kill: see run_guard
-            reporter.log_epoch(row)
-            _save(run_dir, "last.pt", engine, state, meta, dist)
-            if improved and dist.is_main:
-                ckpt_io.atomic_link(run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt")
-                weights = engine.ema.module if engine.ema is not None else engine.model
-                ckpt_io.export_safetensors(weights.state_dict(), run_dir / "model.safetensors",
-                                           {k: meta[k] for k in ckpt_io.META_KEYS})
+        run_guard.save_epoch(run_dir, engine, state, meta, dist, reporter, row, improved)
         progress.end_epoch(row)
         if state.stopped_early:
             progress.log(f"early stopping: no better val top-1 for {patience} epochs "
@@ -364,7 +346,7 @@ def _interrupted(run_dir: Path, engine: Engine, state: LoopState, meta: dict, di
                  progress: TrainProgress, saved: bool = False) -> Interrupted:
     progress.close()
     with run_guard.saving(run_dir):
-        path = run_dir / "checkpoints" / "last.pt" if saved else _save(run_dir, "last.pt", engine, state, meta, dist)
+        path = run_dir / "checkpoints" / "last.pt" if saved else run_guard.save_checkpoint(run_dir, "last.pt", engine, state, meta, dist)
     signum = stop.signum or signal.SIGINT
     where = f"epoch {state.epoch + 1}, batch {state.batch_in_epoch}" if state.batch_in_epoch else \
         f"the end of epoch {state.epoch}"
