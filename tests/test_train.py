@@ -161,6 +161,41 @@ def test_sigterm_then_resume_equals_straight_run(straight, data, tmp_path, monke
     same_weights(out / "model.safetensors", straight / "model.safetensors")
 
 
+@pytest.mark.parametrize("during", ["evaluation", "first-step"])
+def test_stop_during_evaluation_or_the_first_compile_resumes_exactly(straight, data, tmp_path, monkeypatch, capsys,
+                                                                     during):
+    """SIGTERM while evaluating (the flag is read after the epoch's save) or during the first step (where
+    torch.compile compiles; the CPU tests run the eager step, the stop path after it is the same code)."""
+    import convnext_fast.train as T
+
+    out = tmp_path / "run"
+    if during == "evaluation":
+        real_evaluate = T.evaluate
+
+        def evaluate(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return real_evaluate(*args, **kwargs)
+
+        monkeypatch.setattr(T, "evaluate", evaluate)
+    else:
+        original = Engine.train_step
+
+        def slow_first_step(self, images, labels):  # a compile that takes a while and is interrupted
+            if self.step == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return original(self, images, labels)
+
+        monkeypatch.setattr(Engine, "train_step", slow_first_step)
+    assert main(["train", str(data), "--out", str(out), *FLAGS]) == 128 + signal.SIGTERM
+    assert "checkpoint saved" in capsys.readouterr().err
+    loop = load_checkpoint(out / "checkpoints" / "last.pt")["loop"]
+    assert (loop["epoch"], loop["batch_in_epoch"]) == ((1, 0) if during == "evaluation" else (0, 1))
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(out)]) == 0
+    same_rows(rows(out), rows(straight))
+    same_weights(out / "model.safetensors", straight / "model.safetensors")
+
+
 def test_non_finite_loss_stops_naming_the_step(data, tmp_path, monkeypatch, capsys):
     original = Engine.train_step
 
