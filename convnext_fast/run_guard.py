@@ -82,22 +82,24 @@ def fingerprints(train_index, val_index, log: Path | None) -> dict:
 
 
 def check_data(saved: dict | None, now: dict, train_index, val_index, run_dir: Path, allow: bool) -> None:
-    """Refuse a resume whose sample lists differ from the checkpoint's (ValueError naming the changes), or warn
-    when `allow`. A checkpoint from before fingerprints (saved None) passes."""
+    """Refuse a resume whose train list differs from the checkpoint's (ValueError naming the changes), or warn
+    when `allow`. A changed val list only warns: it changes what is measured, not what is trained (and a val file
+    that went bad mid-run is dropped by the next preflight). A checkpoint from before fingerprints passes."""
     if not saved:
         return
-    changes = []
-    for split, index in (("train", train_index), ("val", val_index)):
-        changes += [f"{split}: {c}" for c in ckpt_io.fingerprint_changes(saved[split], now[split],
-                                                                          [p for p, _ in index.samples])]
-    if not changes:
+    train = ckpt_io.fingerprint_changes(saved["train"], now["train"], [p for p, _ in train_index.samples])
+    val = ckpt_io.fingerprint_changes(saved["val"], now["val"], [p for p, _ in val_index.samples])
+    if val:
+        print0(f"warning: the val images changed since the checkpoint ({'; '.join(val)}); metrics from here on are "
+               f"measured on the new list", flush=True)
+    if not train:
         return
-    what = "; ".join(changes)
+    what = "; ".join(train)
     if not allow:
-        raise ValueError(f"--resume {run_dir}: the images changed since the checkpoint ({what}); an exact resume "
-                         f"needs the same files. Pass --allow-data-change to continue on the new list anyway")
-    print0(f"warning: --allow-data-change: the images changed since the checkpoint ({what}); this is no longer "
-           f"an exact resume", flush=True)
+        raise ValueError(f"--resume {run_dir}: the training images changed since the checkpoint ({what}); an exact "
+                         f"resume needs the same files. Pass --allow-data-change to continue on the new list anyway")
+    print0(f"warning: --allow-data-change: the training images changed since the checkpoint ({what}); this is no "
+           f"longer an exact resume", flush=True)
 
 
 @contextlib.contextmanager

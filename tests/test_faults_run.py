@@ -65,6 +65,23 @@ def _copy(run: Path, data: Path, tmp_path: Path) -> tuple[Path, Path]:
     return new_data, new_run
 
 
+def test_jpeg_with_garbled_tables_is_named_by_the_preflight(data, tmp_path, capsys):
+    """The issue's file: valid start and end markers, a segment length past the end ("Truncated File Read" at the
+    first batch before). Now the preflight names it and --skip-bad-files really skips it."""
+    root = tmp_path / "data"
+    shutil.copytree(data, root)
+    victim = root / "train" / "red" / "3.jpg"
+    raw = victim.read_bytes()
+    victim.write_bytes(raw[:4] + (0xFFF0).to_bytes(2, "big") + raw[6:])
+    out = tmp_path / "run"
+    assert main(["train", str(root), "--out", str(out), *FLAGS, "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"{victim}: corrupt JPEG header" in err and "--skip-bad-files" in err
+    assert not out.exists()
+    assert main(["train", str(root), "--out", str(out), *FLAGS, "--epochs", "1", "--skip-bad-files"]) == 0
+    assert (out / "bad_files.txt").read_text().startswith(f"{victim}\t")
+
+
 def test_resume_on_changed_images_refuses_naming_the_change(one_epoch, data, tmp_path, capsys):
     new_data, run = _copy(one_epoch, data, tmp_path)
     shutil.copy(new_data / "train" / "red" / "0.jpg", new_data / "train" / "red" / "new.jpg")
