@@ -39,9 +39,12 @@ def num_bad(index) -> int:
     return len(set(index.skipped) & {p for p, _ in index.samples}) if index.skipped else 0
 
 
+_HELD: list[RunLock] = []  # the run directories this process holds (one per train() call)
+
+
 def claim_run_dir(run_dir: Path, dist: DistInfo, resume: bool) -> RunLock | None:
-    """The run directory's lock (rank 0; None on other ranks). Raises ValueError on every rank if it is held, or if
-    a fresh run finds a finished checkpoint there (another run got there first)."""
+    """The run directory's lock (rank 0; None on other ranks), held until `release_run_dirs`. Raises ValueError on
+    every rank if it is held, or if a fresh run finds a finished checkpoint there (another run got there first)."""
     lock, error = None, None
     if dist.is_main:
         try:
@@ -56,7 +59,15 @@ def claim_run_dir(run_dir: Path, dist: DistInfo, resume: bool) -> RunLock | None
     error = all_gather_object(error)[0]  # collective: every rank refuses together
     if error:
         raise ValueError(error)
+    if lock is not None:
+        _HELD.append(lock)
     return lock
+
+
+def release_run_dirs() -> None:
+    """Release the locks `claim_run_dir` took (the end of train(), however it ends)."""
+    while _HELD:
+        _HELD.pop().release()
 
 
 def bad_files_log(run_dir: Path, train_index, skip_bad: bool, dist: DistInfo) -> Path | None:

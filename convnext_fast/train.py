@@ -127,7 +127,6 @@ class _Run:
     state: LoopState
     reporter: RunReporter
     progress: TrainProgress
-    lock: Any = None  # the run directory's lock (rank 0), held until the run ends
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, tty: bool | None = None) -> dict:
@@ -150,8 +149,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, tty: bool | None = None) ->
             run.progress.close()
             run.train_loader.close()
             run.val_loader.close()
-            if run.lock is not None:
-                run.lock.release()
+        run_guard.release_run_dirs()
         destroy_distributed()
 
 
@@ -168,17 +166,7 @@ def _setup(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None) -> 
     check_model_name(cfg.model.name)  # fail before scanning a large dataset
     # --skip-bad-files: train keeps bad files in place (replaced by the loader): positions don't depend on them.
     train_index, val_index = resolve_train_val(cfg.data, seed=cfg.run.seed, keep_bad_train=cfg.data.skip_bad)
-    lock = run_guard.claim_run_dir(run_dir, dist, resume)  # after the preflight: a bad file writes nothing
-    try:
-        return _build_run(cfg, dist, resume, tty, run_dir, train_index, val_index, lock)
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        raise
-
-
-def _build_run(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None, run_dir: Path, train_index,
-               val_index, lock) -> _Run:
+    run_guard.claim_run_dir(run_dir, dist, resume)  # after the preflight (a bad file writes nothing); train() frees it
     log = run_guard.bad_files_log(run_dir, train_index, cfg.data.skip_bad, dist)
     classes, d, dev = train_index.classes, cfg.data, dist.device
     common = dict(img_size=d.img_size, backend=d.loader, device=dev, seed=cfg.run.seed, shard_id=dist.rank,
@@ -221,7 +209,7 @@ def _build_run(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None,
                                         meta)
     run = _Run(cfg=cfg, dist=dist, run_dir=run_dir, train_loader=train_loader, val_loader=val_loader, engine=engine,
                sched=sched, lr=lr, meta=meta, state=state, reporter=RunReporter(run_dir, classes, is_main=dist.is_main),
-               progress=TrainProgress(enabled=dist.is_main, epochs=cfg.run.epochs, tty=tty), lock=lock)
+               progress=TrainProgress(enabled=dist.is_main, epochs=cfg.run.epochs, tty=tty))
     if dist.is_main:
         resolved = {"lr": lr, "global_batch": d.batch_size * dist.world_size, "world_size": dist.world_size,
                     "steps_per_epoch": steps, "device": str(dev), "speed": dataclasses.asdict(engine.speed),
@@ -346,7 +334,8 @@ def _interrupted(run_dir: Path, engine: Engine, state: LoopState, meta: dict, di
                  progress: TrainProgress, saved: bool = False) -> Interrupted:
     progress.close()
     with run_guard.saving(run_dir):
-        path = run_dir / "checkpoints" / "last.pt" if saved else run_guard.save_checkpoint(run_dir, "last.pt", engine, state, meta, dist)
+        path = run_dir / "checkpoints" / "last.pt" if saved else \
+            run_guard.save_checkpoint(run_dir, "last.pt", engine, state, meta, dist)
     signum = stop.signum or signal.SIGINT
     where = f"epoch {state.epoch + 1}, batch {state.batch_in_epoch}" if state.batch_in_epoch else \
         f"the end of epoch {state.epoch}"
