@@ -1,5 +1,6 @@
-"""Preflight cost on an image folder: the cheap checks alone, cheap + header parse (what every run now does), and
-`--verify-images` with a fresh verification record (first run) and with the record it left (second run).
+"""Preflight cost on an image folder: the cheap checks alone, cheap + header parse (what every run now does), the
+sample-list fingerprint the trainer records, and `--verify-images` with a fresh verification record (first run)
+and with the record it left (second run).
 
     python benchmarks/preflight_bench.py DATA [--repeats 3] [--extrapolate 70000]
 
@@ -48,6 +49,9 @@ def main() -> None:
         "cheap + header parse (every run now)": lambda: I._check_all(lambda p: I.cheap_check(p) or header_check(p),
                                                                     paths),
     }
+    from convnext_fast.checkpoint import data_fingerprint
+
+    rows["sample-list fingerprint (every run; stat + hash of paths)"] = lambda: data_fingerprint(index)
     results = {name: _time(fn, args.repeats) for name, fn in rows.items()}
 
     def verify(fresh: bool) -> float:
