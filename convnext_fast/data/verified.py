@@ -41,6 +41,8 @@ class VerificationRecord:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).resolve()
+        # The index's paths are abspath(root)/...: slicing that prefix off is what os.path.relpath does, cheaply.
+        self._prefix = os.path.join(os.path.abspath(root), "")
         digest = hashlib.sha256(str(self.root).encode()).hexdigest()[:16]
         self.path = record_dir() / f"{digest}.json"
         self._files: dict[str, list[int]] = {}
@@ -52,7 +54,7 @@ class VerificationRecord:
             pass
 
     def _rel(self, path: str) -> str:
-        return os.path.relpath(path, self.root)
+        return path[len(self._prefix):] if path.startswith(self._prefix) else os.path.relpath(path, self.root)
 
     def unchanged(self, paths: list[str]) -> tuple[list[str], dict[str, tuple[int, int] | None]]:
         """(paths to decode: new or changed since their last good decode, the current stat key of every path)."""
