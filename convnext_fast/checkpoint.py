@@ -39,16 +39,46 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class _Writes:
+    """A file object that remembers the OSError its ``write`` raised: ``torch.save`` turns a failed write (a full
+    disk) into an opaque "unexpected pos" RuntimeError, and the caller should see ENOSPC and the path."""
+
+    def __init__(self, fh) -> None:
+        self.fh, self.error = fh, None
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def _write_error(err: OSError, path: Path) -> OSError:
+    return OSError(err.errno, err.strerror or str(err), str(path))
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temp file beside ``path``, fsync, then ``os.replace``: a crash leaves the old file."""
+    """``torch.save`` to a temp file beside ``path``, fsync, then ``os.replace``: a crash (``kill -9`` included)
+    leaves the old file. A failed write (ENOSPC) is an OSError naming ``path``; the temp file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+            writes = _Writes(fh)
+            try:
+                torch.save(obj, writes)
+                fh.flush()
+                os.fsync(fh.fileno())
+            except (OSError, RuntimeError) as e:
+                err = writes.error or (e if isinstance(e, OSError) else None)
+                if err is None:
+                    raise
+                raise _write_error(err, path) from None
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -111,10 +141,13 @@ def atomic_link(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
     tmp.unlink(missing_ok=True)
     try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:  # rename() between two links of one file does nothing and leaves `tmp`
+        tmp.unlink(missing_ok=True)
     _fsync_dir(dst.parent)
     return dst
 
@@ -127,17 +160,23 @@ def _to_tuple(x: Any) -> Any:
 
 def export_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, meta: dict[str, Any]) -> Path:
     """Write ``state_dict`` (plain names) to ``path`` atomically, with ``meta`` as JSON strings in the header."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     bad = [k for k in state_dict if k.startswith(("_orig_mod.", "module."))]
     assert not bad, f"wrapped module names in an export: {bad[:3]}"
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    from safetensors.torch import save
+
+    # Serialized in memory (the size of the weights) and written here, so a full disk is an OSError naming the path.
+    data = save(tensors, metadata={k: json.dumps(v) for k, v in meta.items()})
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        with open(tmp, "wb") as fh:
+            try:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            except OSError as e:
+                raise _write_error(e, path) from None
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
@@ -176,3 +215,42 @@ def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     if missing:
         raise ValueError(f"{path}: no {', '.join(missing)} recorded with the weights (and no classes.json beside it)")
     return weights, meta
+
+
+# --- the data a checkpoint was trained on ------------------------------------------------------------------------
+
+def data_fingerprint(index, bad: set[str] | frozenset = frozenset()) -> dict[str, Any]:
+    """What identifies a sample list for an exact resume: classes, images per class, a hash of (class, relative
+    path) in order, and each file's size (-1 for files in `bad`, which a loader replaces: their size may change)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    sizes = []
+    for path, target in index.samples:
+        h.update(f"{target}\t{os.path.relpath(path, index.root)}\n".encode())
+        try:
+            sizes.append(-1 if path in bad else os.path.getsize(path))
+        except OSError:
+            sizes.append(-1)
+    counts = np.bincount(np.asarray(index.targets, np.int64), minlength=len(index.classes))
+    return {"classes": list(index.classes), "counts": [int(c) for c in counts], "paths_sha256": h.hexdigest(),
+            "sizes": torch.tensor(sizes, dtype=torch.int64)}
+
+
+def fingerprint_changes(saved: dict[str, Any], now: dict[str, Any], paths: list[str], limit: int = 5) -> list[str]:
+    """How the sample list `now` (of files `paths`) differs from `saved`, one phrase per change; [] if it does not."""
+    if saved["classes"] != now["classes"]:
+        gone = sorted(set(saved["classes"]) - set(now["classes"]))
+        new = sorted(set(now["classes"]) - set(saved["classes"]))
+        return [f"classes changed (removed: {gone[:limit]}, added: {new[:limit]})"]
+    changes = [f"class {c!r}: {a} -> {b} images ({b - a:+d})"
+               for c, a, b in zip(now["classes"], saved["counts"], now["counts"]) if a != b]
+    if not changes and saved["paths_sha256"] != now["paths_sha256"]:
+        changes.append("the same number of images per class, but files were renamed, moved or replaced")
+    if not changes:
+        a, b = saved["sizes"], now["sizes"]
+        differ = ((a != b) & (a >= 0) & (b >= 0)).nonzero().flatten().tolist()
+        if differ:
+            named = ", ".join(paths[i] for i in differ[:limit])
+            changes.append(f"{len(differ)} file(s) changed size (e.g. {named})")
+    return changes

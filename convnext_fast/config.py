@@ -145,6 +145,8 @@ class RunConfig:
     name: str | None = _f(None, "run name used for the default run directory")
     log_every: int = _f(50, "steps between host syncs for loss logging and the non-finite check")
     deterministic: bool = _f(False, "torch.use_deterministic_algorithms (slower; bitwise-repeatable on one device)")
+    allow_data_change: bool = _f(False, "--resume continues even if the image files changed since the checkpoint "
+                                        "(no longer an exact resume); without it such a resume is refused")
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig,

@@ -39,11 +39,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` so readers see the old file or the new one, never a torn one (tmp + fsync + replace)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:  # a failed write (a full disk) leaves no temp file behind
+        tmp.unlink(missing_ok=True)
     return path
 
 

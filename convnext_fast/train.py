@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from convnext_fast import checkpoint as ckpt_io
+from convnext_fast import run_guard
 from convnext_fast.config import TrainConfig
 from convnext_fast.data import build_loader
 from convnext_fast.data.splits import resolve_train_val
@@ -106,16 +107,6 @@ def _seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed + rank)
 
 
-def _save(run_dir: Path, name: str, engine: Engine, state: LoopState, meta: dict, dist: DistInfo) -> Path:
-    """Write checkpoints/<name> (rank 0; the RNG gather is collective, so every rank calls this)."""
-    rng = ckpt_io.gather_rng_states()
-    path = run_dir / "checkpoints" / name
-    if dist.is_main:
-        ckpt_io.atomic_save({"format": ckpt_io.FORMAT, "meta": meta, "engine": engine.state_dict(),
-                             "loop": dataclasses.asdict(state), "rng": rng}, path)
-    return path
-
-
 def _write_rows(run_dir: Path, rows: list) -> None:
     atomic_write_text(run_dir / "metrics.jsonl",
                       "".join(json.dumps(to_jsonable(r), allow_nan=False) + "\n" for r in rows))
@@ -160,7 +151,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, tty: bool | None = None) ->
             run.progress.close()
             run.train_loader.close()
             run.val_loader.close()
+        run_guard.release_run_dirs()
         destroy_distributed()
+
+
+def _resolution(cfg: TrainConfig) -> tuple[ResolutionSchedule, int]:
+    """The training sizes per epoch and the evaluation size, checked against the model; equal on every rank."""
+    d = cfg.data
+    schedule, eval_size = cfg.resolution_schedule(), d.eval_img_size or d.img_size
+    check_model_sizes(schedule, cfg.model.name, "--progressive" if schedule.progressive else "--img-size")
+    check_model_sizes(ResolutionSchedule(eval_size, 1), cfg.model.name, "--eval-img-size")
+    if len({tuple(p) for p in all_gather_object(schedule.per_epoch)}) > 1:  # a pure function of the config
+        raise ValueError("the ranks were given different resolution schedules (differing configs?)")
+    return schedule, eval_size
 
 
 def _setup(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None) -> _Run:
@@ -172,21 +175,18 @@ def _setup(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None) -> 
     torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul left on Ampere+ (no effect on CPU)
     run_dir = Path(cfg.run.out) if cfg.run.out else default_run_dir(cfg.run.name)
     run_dir = Path(all_gather_object(str(run_dir))[0])  # rank 0's name: the timestamps of ranks may differ
-    if not resume and (run_dir / "checkpoints" / "last.pt").exists():
-        raise ValueError(f"--out {run_dir} already holds a run; continue it with --resume {run_dir} or choose "
-                         f"another --out")
+    run_guard.refuse_finished(run_dir, resume)  # early; checked again under the lock
     check_model_name(cfg.model.name)  # fail before scanning a large dataset
     d = cfg.data
-    schedule, eval_size = cfg.resolution_schedule(), d.eval_img_size or d.img_size
-    check_model_sizes(schedule, cfg.model.name, "--progressive" if schedule.progressive else "--img-size")
-    check_model_sizes(ResolutionSchedule(eval_size, 1), cfg.model.name, "--eval-img-size")
-    if len({tuple(p) for p in all_gather_object(schedule.per_epoch)}) > 1:  # a pure function of the config
-        raise ValueError("the ranks were given different resolution schedules (differing configs?)")
-    train_index, val_index = resolve_train_val(cfg.data, seed=cfg.run.seed)
+    schedule, eval_size = _resolution(cfg)
+    # --skip-bad-files: train keeps bad files in place (replaced by the loader): positions don't depend on them.
+    train_index, val_index = resolve_train_val(cfg.data, seed=cfg.run.seed, keep_bad_train=cfg.data.skip_bad)
+    run_guard.claim_run_dir(run_dir, dist, resume)  # after the preflight (a bad file writes nothing); train() frees it
+    log = run_guard.bad_files_log(run_dir, train_index, cfg.data.skip_bad, dist)
     classes, dev = train_index.classes, dist.device
     common = dict(backend=d.loader, device=dev, seed=cfg.run.seed, shard_id=dist.rank,
                   num_shards=dist.world_size, num_workers=d.num_workers, crop_pct=d.crop_pct, cache=d.cache,
-                  cache_size=d.cache_size)
+                  cache_size=d.cache_size, skip_bad=d.skip_bad, bad_files_log=log)
     train_loader = build_loader(train_index, train=True, img_size=d.img_size, batch_size=d.batch_size, scale=d.scale,
                                 hflip=d.hflip, randaugment=d.randaugment, reprob=d.reprob,
                                 schedule=schedule if schedule.progressive else None, **common)
@@ -207,7 +207,8 @@ def _setup(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None) -> 
                          warmup_steps=min(round(cfg.optim.warmup_epochs * steps), total_steps))
     # img_size: the evaluation size (what `convnext-fast eval` uses by default to reproduce the run's accuracy).
     meta = {"model_name": cfg.model.name, "num_classes": len(classes), "classes": classes, "img_size": eval_size,
-            "crop_pct": d.crop_pct, "config": cfg.to_dict(), "schedule": schedule.to_dict()}
+            "crop_pct": d.crop_pct, "config": cfg.to_dict(), "schedule": schedule.to_dict(),
+            "data": run_guard.fingerprints(train_index, val_index, log)}
     state = LoopState()
     if resume:
         # On the host: load_state_dict copies weights and optimizer state to the device; RNG states stay host-side.
@@ -219,9 +220,14 @@ def _setup(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None) -> 
                              f"this job has {dist.world_size}; resume with the same number of processes")
         loop = ckpt["loop"]
         check_resume(ckpt["meta"].get("schedule"), schedule, loop["epoch"] + bool(loop["batch_in_epoch"]), run_dir)
+        run_guard.check_data(ckpt.get("data"), meta["data"], train_index, val_index, run_dir,
+                             cfg.run.allow_data_change)
         engine.load_state_dict(ckpt["engine"])
         state = LoopState(**loop)
         ckpt_io.set_rng_state(ckpt["rng"][dist.rank])
+        if dist.is_main:
+            run_guard.repair_after_kill(run_dir, state, engine.ema.module if engine.ema is not None else engine.model,
+                                        meta)
     run = _Run(cfg=cfg, dist=dist, run_dir=run_dir, train_loader=train_loader, val_loader=val_loader, engine=engine,
                sched=sched, lr=lr, meta=meta, state=state, reporter=RunReporter(run_dir, classes, is_main=dist.is_main),
                progress=TrainProgress(enabled=dist.is_main, epochs=cfg.run.epochs, tty=tty),
@@ -230,8 +236,8 @@ def _setup(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None) -> 
         resolved = {"lr": lr, "global_batch": d.batch_size * dist.world_size, "world_size": dist.world_size,
                     "steps_per_epoch": steps, "device": str(dev), "speed": dataclasses.asdict(engine.speed),
                     "train_root": str(train_index.root), "val_root": str(val_index.root),
-                    "num_train": len(train_index), "num_val": len(val_index), "schedule": schedule.to_dict(),
-                    "eval_img_size": eval_size}
+                    "num_train": len(train_index) - run_guard.num_bad(train_index), "num_val": len(val_index),
+                    "schedule": schedule.to_dict(), "eval_img_size": eval_size}
         atomic_write_text(run_dir / "config.json", json.dumps({**cfg.to_dict(), "resolved": resolved}, indent=2))
         atomic_write_text(run_dir / "classes.json", json.dumps(classes, indent=2))
         _write_rows(run_dir, state.rows)  # a resumed run drops rows logged after its checkpoint
@@ -345,13 +351,7 @@ def _train(run: _Run, stop: _StopRequest, t_start: float) -> dict:
                                and epoch + 1 < cfg.run.epochs)
         state.wall_time_s += time.perf_counter() - t_start
         t_start = time.perf_counter()
-        reporter.log_epoch(row)
-        _save(run_dir, "last.pt", engine, state, meta, dist)
-        if improved and dist.is_main:
-            ckpt_io.atomic_link(run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt")
-            weights = engine.ema.module if engine.ema is not None else engine.model
-            ckpt_io.export_safetensors(weights.state_dict(), run_dir / "model.safetensors",
-                                       {k: meta[k] for k in ckpt_io.META_KEYS})
+        run_guard.save_epoch(run_dir, engine, state, meta, dist, reporter, row, improved)
         progress.end_epoch(row)
         if state.stopped_early:
             progress.log(f"early stopping: no better val top-1 for {patience} epochs "
@@ -366,7 +366,9 @@ def _train(run: _Run, stop: _StopRequest, t_start: float) -> dict:
 def _interrupted(run_dir: Path, engine: Engine, state: LoopState, meta: dict, dist: DistInfo, stop: _StopRequest,
                  progress: TrainProgress, saved: bool = False) -> Interrupted:
     progress.close()
-    path = run_dir / "checkpoints" / "last.pt" if saved else _save(run_dir, "last.pt", engine, state, meta, dist)
+    with run_guard.saving(run_dir):
+        path = run_dir / "checkpoints" / "last.pt" if saved else \
+            run_guard.save_checkpoint(run_dir, "last.pt", engine, state, meta, dist)
     signum = stop.signum or signal.SIGINT
     where = f"epoch {state.epoch + 1}, batch {state.batch_in_epoch}" if state.batch_in_epoch else \
         f"the end of epoch {state.epoch}"

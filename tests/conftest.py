@@ -2,6 +2,11 @@ import os
 
 # Before torch loads OpenMP (see convnext_fast/cli.py): spinning OpenMP threads starve the loaders' threads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# --verify-images records (convnext_fast/data/verified.py) go to a fresh folder, not the user's cache.
+if "CONVNEXT_FAST_VERIFY_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["CONVNEXT_FAST_VERIFY_DIR"] = tempfile.mkdtemp(prefix="convnext_fast_verified_")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -138,11 +138,12 @@ def test_resume_needs_the_same_world_size(two_rank_run, capsys):
     from convnext_fast.cli import main
 
     run = next((two_rank_run[0] / "runs").iterdir())
-    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
     assert main(["train", "--resume", str(run), "--epochs", "3"]) == 2
     err = capsys.readouterr().err
     assert "saved by 2 process(es)" in err and "has 1" in err, err
-    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+    # (.lock holds the pid of the last process that took the run directory's lock; it is not run data)
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == before
 
 
 @pytest.fixture(scope="module")
@@ -192,8 +193,14 @@ def test_a_failing_rank_brings_the_job_down_with_its_error(data_dir, tmp_path):
     n = len(index)
     rank1 = epoch_indices(n, train=True, batch_size=BATCH, seed=0, epoch=0, shard_id=1, num_shards=2)
     bad = Path(index.samples[int(rank1[BATCH])][0])
-    # Passes the quick preflight (PNG signature) but cannot be decoded: found by the loader, mid-epoch.
-    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200))
+    # Passes the preflight (a PNG whose header parses) but cannot be decoded (zeroed pixel data): found by the
+    # loader, mid-epoch.
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(bad, "PNG")
+    raw = bytearray(bad.read_bytes())
+    raw[raw.index(b"IDAT") + 6:] = bytes(len(raw) - raw.index(b"IDAT") - 6)
+    bad.write_bytes(bytes(raw))
     flags = [f if f != "synthetic" else "torchvision" for f in TRAIN_FLAGS]
     rc, out, ranks, wall = torchrun([str(data), *flags, "--epochs", "2", "--out", str(tmp_path / "run")],
                                     cwd=tmp_path, log_dir=tmp_path / "logs", timeout=180)

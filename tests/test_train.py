@@ -31,7 +31,7 @@ FLAGS = ["--loader", "torchvision", "--workers", "0", "--model", "convnext_atto"
          "--model-ema-decay", "0.9", "--tta", "--randaugment", "2,9", "--epochs", "2"]
 COMPARED = ("epoch", "step", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "ema_val_loss", "ema_val_top1",
             "ema_val_top5")
-RUN_FILES = ["checkpoints/best.pt", "checkpoints/last.pt", "classes.json", "config.json", "metrics.jsonl",
+RUN_FILES = [".lock", "checkpoints/best.pt", "checkpoints/last.pt", "classes.json", "config.json", "metrics.jsonl",
              "model.safetensors", "plots/accuracy.png", "plots/confusion_matrix.png", "plots/loss.png",
              "plots/lr.png", "plots/per_class_accuracy.png", "summary.json"]
 
@@ -194,6 +194,41 @@ def test_progressive_run_records_sizes_and_resumes_exactly_mid_ramp(data, tmp_pa
     same_weights(out / "checkpoints" / "last.pt", straight / "checkpoints" / "last.pt")
 
 
+@pytest.mark.parametrize("during", ["evaluation", "first-step"])
+def test_stop_during_evaluation_or_the_first_compile_resumes_exactly(straight, data, tmp_path, monkeypatch, capsys,
+                                                                     during):
+    """SIGTERM while evaluating (the flag is read after the epoch's save) or during the first step (where
+    torch.compile compiles; the CPU tests run the eager step, the stop path after it is the same code)."""
+    import convnext_fast.train as T
+
+    out = tmp_path / "run"
+    if during == "evaluation":
+        real_evaluate = T.evaluate
+
+        def evaluate(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return real_evaluate(*args, **kwargs)
+
+        monkeypatch.setattr(T, "evaluate", evaluate)
+    else:
+        original = Engine.train_step
+
+        def slow_first_step(self, images, labels):  # a compile that takes a while and is interrupted
+            if self.step == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return original(self, images, labels)
+
+        monkeypatch.setattr(Engine, "train_step", slow_first_step)
+    assert main(["train", str(data), "--out", str(out), *FLAGS]) == 128 + signal.SIGTERM
+    assert "checkpoint saved" in capsys.readouterr().err
+    loop = load_checkpoint(out / "checkpoints" / "last.pt")["loop"]
+    assert (loop["epoch"], loop["batch_in_epoch"]) == ((1, 0) if during == "evaluation" else (0, 1))
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(out)]) == 0
+    same_rows(rows(out), rows(straight))
+    same_weights(out / "model.safetensors", straight / "model.safetensors")
+
+
 def test_non_finite_loss_stops_naming_the_step(data, tmp_path, monkeypatch, capsys):
     original = Engine.train_step
 
@@ -287,16 +322,17 @@ def test_bad_files_stop_before_training_unless_skipped(data, tmp_path, capsys):
     assert "skipped 1 bad image file(s)" in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["resolved"]["num_train"] == 24
 
-    # A JPEG whose middle is garbage still has its markers: only decoding finds it.
+    # A file whose header parses but whose pixels do not decode (a PNG with a zeroed IDAT): only decoding finds it.
     victim = root / "val" / "blue" / "0.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 30, 3), dtype=np.uint8)).save(victim, "PNG")
     raw = bytearray(victim.read_bytes())
-    raw[200:-10] = b"\xff\x00" * ((len(raw) - 210) // 2) + b"\x00" * ((len(raw) - 210) % 2)
-    raw[2:4] = b"\xff\xd9"  # an end-of-image right after the start: the decoder gets no frame
+    raw[raw.index(b"IDAT") + 6:raw.index(b"IDAT") + 200] = bytes(194)
     victim.write_bytes(bytes(raw))
     (root / "train" / "red" / "zz_not_an_image.jpg").unlink()
+    from convnext_fast.data.headers import header_check
     from convnext_fast.data.index import cheap_check
 
-    assert cheap_check(str(victim)) is None  # the cheap checks pass it
+    assert cheap_check(str(victim)) is None and header_check(str(victim)) is None  # the preflight passes it
     out2 = tmp_path / "run2"
     assert main(["train", str(root), "--out", str(out2), *FLAGS, *fast, "--verify-images"]) == 2
     err = capsys.readouterr().err

@@ -97,6 +97,7 @@ FLAGS: dict[str, tuple[str, str, Any, str | None]] = {
     "--name": ("run", "name", _text, "NAME"),
     "--log-every": ("run", "log_every", _INT, "STEPS"),
     "--deterministic": ("run", "deterministic", "bool", None),
+    "--allow-data-change": ("run", "allow_data_change", "bool", None),
 }
 
 
@@ -162,6 +163,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
         saved = json.loads(saved_path.read_text())
         saved.pop("resolved", None)
         base = TrainConfig.from_dict(saved, source=str(saved_path))
+        base.run.allow_data_change = False  # a one-time consent: each resume onto changed data must ask again
         flags.setdefault("run", {})["out"] = str(run_dir)
         return build_config(base=base, flags=flags), True
     preset = args.preset
@@ -185,6 +187,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"convnext-fast train: {e}", file=sys.stderr)
         return e.exit_code
     except TrainingError as e:
+        print(f"convnext-fast train: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a write outside a checkpoint save (config.json, plots) failed, e.g. a full disk
+        if isinstance(e, FileNotFoundError):
+            raise
         print(f"convnext-fast train: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C: abort without saving (the first one is still saving)

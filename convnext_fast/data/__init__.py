@@ -83,6 +83,8 @@ class LoaderConfig:
     cache_size: int | None = None  # cache images resized to fit cache_size x cache_size; None = stored size
     extra: tuple[tuple[str, object], ...] = ()  # backend-specific options (backend_kwargs), sorted
     schedule: ResolutionSchedule | None = None  # train: the size per epoch (progressive); None = img_size always
+    skip_bad: bool = False  # a file that fails at run time is left out (see data/badfiles.py), not an error
+    bad_files_log: str | None = None  # where such files are listed (and read back from on resume)
 
     def option(self, name: str, default=None):
         return dict(self.extra).get(name, default)
@@ -157,7 +159,8 @@ def build_loader(root: str | os.PathLike | ImageIndex | None, *, train: bool, im
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct: float = 0.875,
                  dtype: torch.dtype = torch.float32, num_workers: int | None = None, skip_bad: bool = False,
                  verify_images: bool = False, cache: str = "off", cache_size: int | None = None,
-                 schedule: ResolutionSchedule | None = None, **backend_kwargs) -> Loader:
+                 schedule: ResolutionSchedule | None = None, bad_files_log: str | os.PathLike | None = None,
+                 **backend_kwargs) -> Loader:
     """A loader over `root` (a class-folder directory or an `ImageIndex`) for one shard.
 
     train=True: random-resized-crop, resize to `img_size`, flip, RandAugment, optional random erasing,
@@ -169,6 +172,8 @@ def build_loader(root: str | os.PathLike | ImageIndex | None, *, train: bool, im
     cache_size=N caches images resized to fit NxN (aspect kept); None = stored size. Other backends ignore both.
     schedule (train only): a `ResolutionSchedule`; each epoch's batches have its `size(epoch)` (read in
     `set_epoch`); `img_size` must be its final size. None = `img_size` every epoch.
+    skip_bad: the preflight leaves bad files out, and a file that fails later is replaced by a deterministic
+    substitute and appended to `bad_files_log` (read back at construction: a resumed run skips the same files).
     """
     if backend not in BACKENDS:
         raise ValueError(f"--loader {backend!r}: expected one of {', '.join(BACKENDS)}")
@@ -196,6 +201,7 @@ def build_loader(root: str | os.PathLike | ImageIndex | None, *, train: bool, im
         dtype=dtype, num_workers=default_num_workers() if num_workers is None else int(num_workers), cache=cache,
         cache_size=None if cache_size is None else int(cache_size), extra=tuple(sorted(backend_kwargs.items())),
         schedule=schedule,
+        skip_bad=bool(skip_bad), bad_files_log=None if bad_files_log is None else str(bad_files_log),
     )
     module_name, fn_name = BACKENDS[backend].split(":")
     return getattr(importlib.import_module(module_name), fn_name)(index, cfg)

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torchvision import transforms as T
 
 from convnext_fast.data import Batch, DatasetError, ImageIndex, LoaderConfig, epoch_indices
+from convnext_fast.data.badfiles import BadFiles
 
 _BILINEAR = T.InterpolationMode.BILINEAR
 
@@ -54,14 +55,16 @@ def build_transform(cfg: LoaderConfig, size: int | None = None) -> T.Compose:
     return T.Compose(ops)
 
 
-def load_rgb(path: str) -> Image.Image:
-    """``pil_loader`` of ImageFolder, with decode failures turned into a DatasetError naming the file."""
+def load_rgb(path: str, bad: BadFiles | None = None) -> Image.Image:
+    """``pil_loader`` of ImageFolder, with decode failures turned into a DatasetError naming the file (and, given
+    `bad`, the flag that skips it)."""
     try:
         with open(path, "rb") as f:
             img = Image.open(f)
             return img.convert("RGB")
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
-        raise DatasetError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+        why = f"{type(e).__name__}: {e}"
+        raise (bad.error(path, why) if bad else DatasetError(f"cannot read image {path}: {why}")) from e
 
 
 def _sample_seed(seed: int, epoch: int, position: int) -> int:
@@ -75,12 +78,27 @@ class FolderDataset(Dataset):
     the dataset, follow a progressive schedule from the first batch of each epoch.
     """
 
-    def __init__(self, samples: list[tuple[str, int]], cfg: LoaderConfig):
+    def __init__(self, samples: list[tuple[str, int]], cfg: LoaderConfig, bad: BadFiles | None = None):
         self.samples = samples
         self.cfg = cfg
         self.seed = cfg.seed
         self.train = cfg.train
         self._transforms: dict[int, T.Compose] = {}
+        self.bad = bad or BadFiles([p for p, _ in samples], skip=False, log=None)
+
+    def _load(self, position: int) -> tuple[Image.Image, int]:
+        """The image at `position`, or (skipping bad files) at its deterministic replacement (data/badfiles.py).
+        Each worker finds the same replacement: the first position after it that loads."""
+        pos = self.bad.replacement(position)
+        while True:
+            path, target = self.samples[pos]
+            try:
+                return load_rgb(path, self.bad), target
+            except DatasetError as e:
+                if not self.bad.skip:
+                    raise
+                self.bad.add(pos, e.why)
+                pos = self.bad.replacement(pos)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -92,8 +110,7 @@ class FolderDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
         position, epoch, size = key
-        path, target = self.samples[position]
-        img = load_rgb(path)
+        img, target = self._load(position)
         transform = self.transform(size)
         if not self.train:  # eval transforms are deterministic
             return transform(img), target
@@ -148,7 +165,8 @@ class TorchvisionLoader:
         self.class_to_idx = dict(index.class_to_idx)
         self._sampler = _EpochSampler(len(index), cfg)
         self.num_samples = len(self._sampler)
-        dataset = FolderDataset(list(index.samples), cfg)
+        bad = BadFiles([p for p, _ in index.samples], skip=cfg.skip_bad, log=cfg.bad_files_log)
+        dataset = FolderDataset(list(index.samples), cfg, bad)
         workers = cfg.num_workers
         self._loader = DataLoader(
             dataset, batch_size=cfg.batch_size, sampler=self._sampler, num_workers=workers,

@@ -20,6 +20,7 @@ import torch
 
 from convnext_fast.data import Batch, DatasetError, ImageIndex, LoaderConfig, epoch_indices
 from convnext_fast.data import cache as C
+from convnext_fast.data.dali_faults import DaliFaults
 from convnext_fast.data.cache import DecodedCache
 from convnext_fast.distributed import print0
 from convnext_fast.data.dali_params import plan_eval_batch, plan_train_batch
@@ -116,7 +117,7 @@ def _torch_out_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float16 if dtype == torch.float16 else torch.float32
 
 
-class DaliLoader:
+class DaliLoader(DaliFaults):
     """The loader protocol (see `convnext_fast.data`) over one DALI pipeline, built once and reused every epoch."""
 
     def __init__(self, index: ImageIndex, cfg: LoaderConfig):
@@ -136,6 +137,7 @@ class DaliLoader:
         self._plans: Iterator | None = None
         self._pending: deque = deque()  # (batch, paths, labels) fed to DALI and not yet returned, in order
         self._dirty = False  # an epoch was started and its pipeline state not yet reset
+        self._init_faults()
 
     def _epoch_positions(self) -> np.ndarray:
         c = self.cfg
@@ -158,11 +160,14 @@ class DaliLoader:
 
     # -- host side: what each batch feeds ------------------------------------------------------------------
     def _read(self, pos: int) -> np.ndarray:
+        staged = self._staged.pop(pos, None)  # read already by _fault_hook's check
+        if staged is not None:
+            return staged
         path = self._paths[pos]
         try:
             return np.fromfile(path, dtype=np.uint8)
         except OSError as e:
-            raise DatasetError(f"cannot read image {path}: {e.strerror or e}") from e
+            raise self._bad.error(path, e.strerror or str(e)) from e
 
     def _size(self, pos: int, data: np.ndarray) -> np.ndarray:
         if self._sizes[pos, 0] < 0:
@@ -172,7 +177,7 @@ class DaliLoader:
                 with Image.open(io.BytesIO(data.tobytes())) as im:
                     self._sizes[pos] = im.size
             except Exception as e:  # PIL raises many types for bad files
-                raise DatasetError(f"cannot read image {self._paths[pos]}: {type(e).__name__}: {e}") from e
+                raise self._bad.error(self._paths[pos], f"{type(e).__name__}: {e}") from e
         return self._sizes[pos]
 
     def _batch_plans(self, epoch: int, positions: np.ndarray, size: int) -> Iterator[tuple]:
@@ -181,6 +186,8 @@ class DaliLoader:
         cache = self._cache
         for b in range(len(self)):
             pos = positions[b * B:(b + 1) * B]
+            if (pos := self._fault_hook(b, pos)) is None:
+                continue
             if cache is None:
                 encoded = [self._read(int(p)) for p in pos]
                 sizes = np.stack([self._size(int(p), d) for p, d in zip(pos, encoded)])
@@ -286,8 +293,8 @@ class DaliLoader:
         return Batch(images, torch.from_numpy(labels).to(c.device, non_blocking=True))
 
     def _decode_error(self, err: Exception) -> DatasetError:
-        """Name the file DALI could not decode. DALI reports "Failed to decode sample #i" of the failed batch;
-        PIL confirms which file of the batches in flight is bad."""
+        """Name the file DALI could not decode (`.path` on the error; None when it cannot be told). DALI reports
+        "Failed to decode sample #i" of the failed batch; PIL confirms which file of the batches in flight is bad."""
         from convnext_fast.data.index import decode_check
 
         msg = str(err)
@@ -299,11 +306,11 @@ class DaliLoader:
         for path in named + [p for paths in batches for p in paths]:
             why = decode_check(path)
             if why is not None:
-                return DatasetError(f"cannot decode image {path}: {why} (DALI: {reason})")
+                return self._bad.error(path, f"{why} (DALI: {reason})", verb="decode")
         if named:
-            return DatasetError(f"cannot decode image {named[0]} (DALI: {reason})")
+            return self._bad.error(named[0], f"DALI: {reason}", verb="decode")
         listed = "\n".join(f"  {p}" for p in (batches[0] if batches else ["(unknown)"]))
-        return DatasetError(f"DALI failed on a batch of these images ({reason}):\n{listed}")
+        return self._bad.error(None, f"DALI failed on a batch of these images ({reason}):\n{listed}")
 
     def _drain(self) -> None:
         """Finish an epoch the consumer left early (or after its last batch), so the next starts clean."""
@@ -337,7 +344,11 @@ class DaliLoader:
                 except (RuntimeError, IndexError, ValueError) as e:  # DALI reports decode failures this way
                     if self._cache is not None:  # nothing is decoded from a cache: not a file's fault
                         raise
-                    raise self._decode_error(e) from None
+                    err = self._decode_error(e)
+                    if not self._bad.skip or err.path is None:
+                        raise err from None
+                    pipe = self._restart_after(err)
+                    continue
                 b, _, labels = self._pending.popleft()
                 pipe.schedule_run()
                 yield self._to_batch(out, b, labels)

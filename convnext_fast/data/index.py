@@ -2,8 +2,9 @@
 
 The index reproduces `torchvision.datasets.ImageFolder` exactly (same extensions, same class sort, same sample
 order), so a model trained here and a user's torchvision code agree on what label 7 means. Preflight catches the
-bad files that would otherwise crash a run hours in: cheap checks (size, magic bytes, JPEG end marker) always run
-and take seconds for 70k files; a full decode check runs on request (`verify_images=True`).
+bad files that would otherwise crash a run hours in: cheap checks (size, magic bytes, JPEG end marker, a parsed
+header: `headers.py`) always run; a full decode check runs on request (`verify_images=True`) and is remembered per
+file (`verified.py`), so a later run decodes only what changed.
 """
 
 from __future__ import annotations
@@ -133,22 +134,40 @@ def decode_check(path: str) -> str | None:
     return None
 
 
-def _find_bad(paths: list[str], verify_images: bool) -> dict[str, str]:
-    check = (lambda p: cheap_check(p) or decode_check(p)) if verify_images else cheap_check
-    workers = min(16, (os.cpu_count() or 1) * 4)  # I/O bound; decode releases the GIL in PIL
+def _check_all(check, paths: list[str]) -> dict[str, str]:
+    workers = min(16, (os.cpu_count() or 1) * 4)  # I/O bound; PIL's header parse and decode release the GIL
     with ThreadPoolExecutor(max_workers=workers) as pool:
         reasons = list(pool.map(check, paths, chunksize=256))
     return {p: r for p, r in zip(paths, reasons) if r is not None}
 
 
+def _find_bad(root: Path, paths: list[str], verify_images: bool) -> dict[str, str]:
+    """Bad files and why. Every file: size, magic bytes, end marker and a parsed header. With `verify_images`, a
+    full decode of the files the verification record does not already hold unchanged."""
+    from convnext_fast.data.headers import header_check
+
+    bad = _check_all(lambda p: cheap_check(p) or header_check(p), paths)
+    if not verify_images:
+        return bad
+    from convnext_fast.data.verified import VerificationRecord
+
+    record = VerificationRecord(root)
+    todo, keys = record.unchanged([p for p in paths if p not in bad])
+    bad.update(_check_all(decode_check, todo))
+    record.update([p for p in paths if p not in bad], keys)
+    return bad
+
+
 def scan_folder(root: str | os.PathLike, *, skip_bad: bool = False, verify_images: bool = False,
-                allow_empty: bool = False) -> ImageIndex:
+                keep_bad: bool = False, allow_empty: bool = False) -> ImageIndex:
     """Index `root` (one sub-folder per class) and preflight it.
 
     Raises DatasetError for: a missing root, no class folders, a single class, empty class folders, and bad
-    files (zero bytes, not an image, truncated; undecodable with `verify_images`). With `skip_bad`, bad files
-    are excluded and listed in `ImageIndex.skipped` instead. `allow_empty` (as ImageFolder's) keeps empty class
-    folders as classes without images (evaluation: a class may have no validation images).
+    files (zero bytes, not an image, truncated, a header that does not parse; undecodable with `verify_images`).
+    With `skip_bad`, bad files are excluded and listed in `ImageIndex.skipped` instead; with `keep_bad` too, they
+    stay in `samples` (listed in `skipped`) for a loader that replaces them (positions independent of which
+    files are bad: the trainer's exact resume). `allow_empty` (as ImageFolder's) keeps empty class folders as
+    classes without images (evaluation: a class may have no validation images).
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -162,7 +181,7 @@ def scan_folder(root: str | os.PathLike, *, skip_bad: bool = False, verify_image
             f"{root}: {len(empty)} class folder(s) hold no image file ({', '.join(IMG_EXTENSIONS)}):\n"
             + format_paths(empty)
         )
-    bad = _find_bad([p for p, _ in samples], verify_images)
+    bad = _find_bad(root, [p for p, _ in samples], verify_images)
     skipped: list[str] = []
     if bad:
         listed = [f"{p}: {why}" for p, why in bad.items()]
@@ -172,12 +191,14 @@ def scan_folder(root: str | os.PathLike, *, skip_bad: bool = False, verify_image
                 + format_paths(listed)
             )
         skipped = sorted(bad)
-        samples = [s for s in samples if s[0] not in bad]
-        counts = Counter(t for _, t in samples)
-        emptied = [str(root / c) for c, i in class_to_idx.items() if counts[i] == 0]
+        counts = Counter(t for p, t in samples if p not in bad)
+        had = Counter(t for _, t in samples)  # an allowed empty class folder was not emptied by skipping
+        emptied = [str(root / c) for c, i in class_to_idx.items() if counts[i] == 0 and had[i] > 0]
         if emptied:
             raise DatasetError(f"{root}: no good image left in class folder(s) after skipping bad files:\n"
                                + format_paths(emptied))
+        if not keep_bad:
+            samples = [s for s in samples if s[0] not in bad]
     if len(classes) < 2:
         raise DatasetError(f"{root}: only one class folder ({classes[0]!r}); a classifier needs at least two")
     return ImageIndex(root.resolve(), classes, class_to_idx, samples, skipped)
