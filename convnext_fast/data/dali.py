@@ -27,6 +27,7 @@ from convnext_fast.distributed import print0
 from convnext_fast.data.dali_params import plan_eval_batch, plan_train_batch
 from convnext_fast.data.erase import random_erase
 from convnext_fast.data.prefetch import Prefetcher
+from convnext_fast.data.transfer import to_device
 
 _RA_INPUTS = ("geom", "pad_h", "pad_w", "warp", "warp_size", "bc", "brightness", "contrast", "color", "saturation",
               "sharp", "kernel", "autocontrast", "equalize", "postsol", "post_mask", "sol_thresh", "sol_inv")
@@ -300,7 +301,7 @@ class DaliLoader:
             images = images.to(c.dtype)
         if c.train and c.reprob > 0:
             images = random_erase(images, c.reprob, np.random.default_rng([c.seed, epoch, c.shard_id, b, 1]))
-        return Batch(images, torch.from_numpy(labels).to(c.device, non_blocking=True))
+        return Batch(images, to_device(labels, c.device))
 
     def _decode_error(self, err: Exception) -> DatasetError:
         """Name the file DALI could not decode. DALI reports "Failed to decode sample #i" of the failed batch;

@@ -5,14 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-
-def _to_device(a: np.ndarray, dev: torch.device) -> torch.Tensor:
-    """`a` on `dev` in one copy that does not block the host: from pinned memory, queued on the current stream
-    (torch's host allocator keeps the pinned block until that copy has run)."""
-    t = torch.from_numpy(a)
-    if dev.type != "cuda":
-        return t
-    return t.pin_memory().to(dev, non_blocking=True)
+from convnext_fast.data.transfer import to_device
 
 
 def random_erase(images: torch.Tensor, prob: float, rng: np.random.Generator) -> torch.Tensor:
@@ -37,7 +30,7 @@ def random_erase(images: torch.Tensor, prob: float, rng: np.random.Generator) ->
     left = np.floor(rng.random(n) * (W - w + 1)).astype(np.int64)
     dev = images.device
     # One [5, k] int64 block: which samples, and their boxes' top, bottom, left, right.
-    box = _to_device(np.stack([np.flatnonzero(erase), top[erase], (top + h)[erase], left[erase], (left + w)[erase]]),
+    box = to_device(np.stack([np.flatnonzero(erase), top[erase], (top + h)[erase], left[erase], (left + w)[erase]]),
                      dev)
     idx = box[0]
     y0, y1, x0, x1 = (box[i].view(-1, 1, 1) for i in range(1, 5))
