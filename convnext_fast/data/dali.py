@@ -24,6 +24,7 @@ from convnext_fast.data import Batch, DatasetError, ImageIndex, LoaderConfig, ep
 from convnext_fast.data import cache as C
 from convnext_fast.data.cache import DecodedCache
 from convnext_fast.distributed import print0
+from convnext_fast.data.dali_augment import train_augment
 from convnext_fast.data.dali_params import plan_eval_batch, plan_train_batch
 from convnext_fast.data.erase import random_erase
 from convnext_fast.data.prefetch import Prefetcher
@@ -43,49 +44,6 @@ def input_names(cfg: LoaderConfig, cached: str | None = None) -> tuple[str, ...]
     """The per-sample host plans the pipeline for `cfg` reads (besides the encoded bytes or cached pixels)."""
     sizes = ("cache_h", "cache_w") if cached == "padded" else ()
     return sizes + ("roi_start", "roi_end") + (_RA_INPUTS if _randaugment_on(cfg) else ())
-
-
-def _to_uint8(x):
-    """Float pixels back to uint8: fn.cast rounds to nearest and saturates to 0..255, as the fused ops did."""
-    from nvidia.dali import fn, types
-
-    return fn.cast(x, dtype=types.UINT8)
-
-
-def _train_augment(img, p: dict, dev: str):
-    """RandAugment stages after the crop; each runs only on the samples whose flag is set (DALI conditionals)."""
-    from nvidia.dali import fn, types
-
-    def on_dev(node):  # per-sample parameters used as regular inputs must live where the data is
-        return node.gpu() if dev == "gpu" else node
-
-    if p["bc"]:
-        gray = fn.color_space_conversion(img, image_type=types.RGB, output_type=types.GRAY)
-        # PIL's Contrast blends with the mean of the grayscale image: b * (c + k * (img - c)) with the centre c a
-        # per-sample tensor on the data's device (fn.brightness_contrast's contrast_center is a host argument:
-        # a GPU-to-host copy per batch).
-        c = fn.reductions.mean(gray, axis_names="HWC")
-        img = _to_uint8(on_dev(p["brightness"]) * (c + on_dev(p["contrast"]) * (img - c)))
-    if p["color"]:
-        # PIL's Color: blend with the grayscale image (fn.saturation works in HSV, a different op).
-        gray = fn.color_space_conversion(img, image_type=types.RGB, output_type=types.GRAY)
-        sat = on_dev(p["saturation"])
-        img = _to_uint8(sat * img + (1.0 - sat) * gray)  # float math: no uint8 wrap-around
-    if p["sharp"]:
-        img = fn.filter(img, on_dev(p["kernel"]), border="clamp")
-    if p["autocontrast"]:
-        # Per-channel bounds ([3] per sample, broadcast over HWC) stay on the device: (img - lo) * 255 / (hi - lo).
-        lo = fn.cast(fn.reductions.min(img, axis_names="HW"), dtype=types.FLOAT)
-        hi = fn.cast(fn.reductions.max(img, axis_names="HW"), dtype=types.FLOAT)
-        spread = hi > lo  # PIL leaves a flat channel unchanged
-        std = ((hi - lo) * spread + (spread ^ True) * 255.0) / 255.0
-        img = _to_uint8((img - lo * spread) * (1.0 / std))  # as crop_mirror_normalize computes it
-    if p["equalize"]:
-        img = fn.equalize(img)
-    if p["postsol"]:
-        img = img & on_dev(p["post_mask"])
-        img = img ^ ((img >= on_dev(p["sol_thresh"])) * on_dev(p["sol_inv"]))
-    return img
 
 
 def _graph(cfg: LoaderConfig, dev: str, cached: str | None = None):
@@ -119,7 +77,7 @@ def _graph(cfg: LoaderConfig, dev: str, cached: str | None = None):
     img = fn.resize(img, size=(S, S), roi_start=p["roi_start"], roi_end=p["roi_end"], roi_relative=False,
                     antialias=True, interp_type=types.INTERP_LINEAR, dtype=types.UINT8)
     if _randaugment_on(cfg):
-        img = _train_augment(img, p, dev)
+        img = train_augment(img, p, dev)
     out_type = types.FLOAT16 if cfg.dtype == torch.float16 else types.FLOAT
     return fn.crop_mirror_normalize(img, mean=[255 * m for m in cfg.mean], std=[255 * s for s in cfg.std],
                                     dtype=out_type, output_layout="HWC")
