@@ -17,6 +17,7 @@ pytest.importorskip("nvidia.dali")
 
 from convnext_fast.data import DatasetError, ImageIndex, build_loader, epoch_indices, scan_folder  # noqa: E402
 from convnext_fast.data.prefetch import Prefetcher  # noqa: E402
+from test_dali import _corrupt_png  # noqa: E402  (tests/ is on sys.path: pytest's rootdir import)
 
 pytestmark = pytest.mark.timeout(300)
 B = 4
@@ -88,15 +89,6 @@ def test_unreadable_file_in_a_prefetched_batch_surfaces_at_that_batch(root, tmp_
         assert len(got) == 2  # batches 0 and 1 first: not earlier, not later
         assert not _feeders()
     ld.close()
-
-
-def _corrupt_png(path: Path) -> None:
-    """A PNG whose header (and so its size) reads fine but whose pixel data does not decode."""
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 30, 3), dtype=np.uint8)).save(path)
-    buf = bytearray(path.read_bytes())
-    i = buf.index(b"IDAT") + 4
-    buf[i + 2:i + 200] = bytes(198)
-    path.write_bytes(bytes(buf))
 
 
 def test_decode_error_in_a_prefetched_batch_names_the_file_at_that_batch(root, tmp_path):

@@ -17,7 +17,8 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 
-_POLL_S = 0.05  # how often a blocked put/get looks at the stop event / the thread's liveness
+_PUT_POLL_S = 0.05  # how often a put blocked on a full queue looks at the stop event
+_GET_POLL_S = 0.5  # how often a waiting consumer checks that the thread is still alive (it always says goodbye)
 _ITEM, _END, _ERROR = 0, 1, 2
 
 
@@ -44,7 +45,7 @@ class Prefetcher:
     def _put(self, msg: tuple) -> bool:
         while not self._stop.is_set():
             try:
-                self._queue.put(msg, timeout=_POLL_S)
+                self._queue.put(msg, timeout=_PUT_POLL_S)
                 return True
             except queue.Full:
                 continue
@@ -84,7 +85,7 @@ class Prefetcher:
                 raise
         while True:
             try:
-                kind, value = self._queue.get(timeout=_POLL_S)
+                kind, value = self._queue.get(timeout=_GET_POLL_S)
                 break
             except queue.Empty:
                 if not self._thread.is_alive() and self._queue.empty():  # died without a word: never hang
