@@ -300,10 +300,11 @@ class DaliLoader:
             self._dirty = False
         elif self._dirty:
             self._drain()
-        # A plain thread, not DALI's parallel external_source: with either, DALI calls iter_setup (feed_input of
-        # ~20 inputs) and the output copy on the thread that drives the pipeline, ~25 of the ~50 ms per batch of
-        # host work measured at batch 256 on 2 cores; only a thread that drives the pipeline too takes all of it
-        # off the training thread (benchmarks/loader_bench.py: main_thread_ms_per_batch).
+        # One plain thread that also drives the pipeline, not a planning thread or DALI's parallel external_source
+        # feeding a pipeline the consumer drives: DALI runs iter_setup (feed_input of ~20 inputs) on the thread that
+        # calls schedule_run, and the output copy (+ erasing) stays with outputs(). Measured at batch 256, 32 px,
+        # RandAugment, 2 cores, first epoch: 60 ms/batch of host work, 50 in reads + headers + plans, 10 in
+        # feed_input / outputs / copy-out (more at 192 px); that 10 would stay on the training thread.
         self._feeder = feeder = Prefetcher(self._run_epoch(self._epoch, self._positions),
                                            int(self.cfg.option("feed_ahead", 2)), name="dali-feed",
                                            setup=self._thread_setup)
