@@ -321,6 +321,9 @@ class DaliLoader:
     def _run_epoch(self, epoch: int, positions: np.ndarray) -> Iterator[Batch]:
         """One epoch's batches, in order: feeds the pipeline and collects its outputs (on the feeder thread)."""
         pipe = self._pipe
+        # Outputs bound to torch's stream: ready in its order (no host wait) and freed in its order, after the
+        # copy out that _to_batch queues there (DALI's default, None, waits on the host for each batch).
+        stream = torch.cuda.current_stream(self.cfg.device) if self.cfg.device.type == "cuda" else None
         self._plans = self._batch_plans(epoch, positions)
         self._plan_error = None
         self._dirty = True
@@ -328,7 +331,7 @@ class DaliLoader:
             pipe.schedule_run()  # the first call prefetches prefetch_queue_depth batches
             while True:
                 try:
-                    (out,) = pipe.outputs()
+                    (out,) = pipe.outputs(cuda_stream=stream)
                 except StopIteration:
                     break
                 except (RuntimeError, IndexError, ValueError) as e:  # DALI reports decode failures this way
