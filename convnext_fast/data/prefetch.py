@@ -18,7 +18,8 @@ import threading
 from collections.abc import Callable, Iterator
 
 _PUT_POLL_S = 0.05  # how often a put blocked on a full queue looks at the stop event
-_GET_POLL_S = 0.5  # how often a waiting consumer checks that the thread is still alive (it always says goodbye)
+_GET_POLL_S = 5.0  # a waiting consumer checks the thread is alive (it always says goodbye: a safety net; each
+# wake-up costs the consumer CPU, measured ~0.1 ms on a loaded 2-core VM)
 _ITEM, _END, _ERROR = 0, 1, 2
 
 
