@@ -103,11 +103,11 @@ def bench_setting(index, size: int, randaugment, args) -> dict:
     loaders = {
         b: build_loader(index, train=True, img_size=size, batch_size=args.batch_size, backend=b, device=args.device,
                         num_workers=args.workers, randaugment=randaugment, reprob=args.reprob, seed=0)
-        for b in BACKENDS
+        for b in args.backends
     }
     main = {}
     try:
-        for b in BACKENDS:  # warm-up, excluded from the throughput; the main-thread cost of a first epoch
+        for b in args.backends:  # warm-up, excluded from the throughput; the main-thread cost of a first epoch
             main[b] = first_epoch_main_thread(loaders[b], args.consumer_ms)
             print(f"  size {size} ra={randaugment} epoch 0: {b:12s} main thread {main[b]['main_thread_ms_per_batch']} "
                   f"CPU ms/batch, {main[b]['main_thread_wall_ms_per_batch']} wall ms/batch (consumer busy "
@@ -115,7 +115,7 @@ def bench_setting(index, size: int, randaugment, args) -> dict:
         if args.repeats == 0:  # the first epoch's main-thread figure only
             return {"img_size": size, "randaugment": list(randaugment) if randaugment else None,
                     "reprob": args.reprob, "first_epoch": main,
-                    "main_thread_ms_per_batch": {b: main[b]["main_thread_ms_per_batch"] for b in BACKENDS}}
+                    "main_thread_ms_per_batch": {b: main[b]["main_thread_ms_per_batch"] for b in args.backends}}
         runs = {b: [] for b in BACKENDS}
         cpu = {b: [] for b in BACKENDS}
         for r in range(args.repeats):
@@ -169,7 +169,8 @@ def to_markdown(record: dict) -> str:
         ra = "off" if r["randaugment"] is None else f"n={r['randaugment'][0]}, m={r['randaugment'][1]}"
         if "median_img_per_s" not in r:  # --repeats 0
             m = r["main_thread_ms_per_batch"]
-            lines.append(f"| {r['img_size']} | {ra} | - | - | - | - | - | - | {m['dali']} | {m['torchvision']} |")
+            lines.append(f"| {r['img_size']} | {ra} | - | - | - | - | - | - | {m.get('dali', '-')} | "
+                         f"{m.get('torchvision', '-')} |")
             continue
         d, t = r["median_img_per_s"], r["spread_img_per_s"]
         lines.append(
@@ -195,6 +196,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed epochs per loader (0: only the first epoch's "
                     "main-thread figure)")
     ap.add_argument("--randaugment", choices=("on", "off", "both"), default="both")
+    ap.add_argument("--backends", default=",".join(BACKENDS), help="with --repeats 0: measure only these")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--reprob", type=float, default=0.0, help="random erasing probability (seed recipe: 0.25)")
     ap.add_argument("--consumer-ms", type=float, default=150.0,
@@ -202,6 +204,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args(argv)
     args.workers = default_num_workers() if args.workers is None else args.workers
+    args.backends = tuple(args.backends.split(","))
+    if args.repeats > 0 and sorted(args.backends) != sorted(BACKENDS) or not set(args.backends) <= set(BACKENDS):
+        ap.error(f"--backends: {', '.join(BACKENDS)} (a subset only with --repeats 0)")
     if args.data is None:
         from convnext_fast.data.demo import ensure_demo_dataset
 
