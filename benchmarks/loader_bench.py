@@ -7,8 +7,14 @@ start, page cache; excluded), then alternates timed epochs: dali, torchvision, t
 shared machine slows both alike. Reported: images/s per epoch, the median over repeats, and the dali/torchvision
 ratio of medians (plus the median of the per-repeat ratios).
 
+The warm-up epoch (the first: DALI does not know the image headers yet) measures `main_thread_ms_per_batch`: the
+consuming thread's own CPU time inside next(loader) (`time.thread_time`), median over the epoch's batches after
+the first, while the consumer sleeps `--consumer-ms` per batch as a training thread does while its GPU step runs.
+That is the host work a loader leaves on the training thread; `main_thread_wall_ms_per_batch` is the wall time.
+
     .venv/bin/python benchmarks/loader_bench.py                      # demo data, 128/176/192, RandAugment on+off
     .venv/bin/python benchmarks/loader_bench.py --data DIR --sizes 176 --repeats 5
+    .venv/bin/python benchmarks/loader_bench.py --sizes 32 --batch-size 256 --randaugment on --repeats 1
 
 Results go to benchmarks/results/loader-<device>-<cores>core-<UTC date>.{json,md} with the environment (CPU, core
 count, load, versions, git commit, command). Results are added, never edited: an existing name gets a suffix.
@@ -34,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from convnext_fast.benchmark.env import collect_environment  # noqa: E402
+from convnext_fast.benchmark.timing import main_thread_cost  # noqa: E402
 from convnext_fast.data import build_loader, default_num_workers, scan_folder  # noqa: E402
 
 BACKENDS = ("dali", "torchvision")
@@ -86,15 +93,29 @@ def time_epoch(loader, epoch: int) -> tuple[float, float, int]:
     return n / wall, 1000 * cpu / max(n, 1), n
 
 
+def first_epoch_main_thread(loader, busy_ms: float) -> dict:
+    """main_thread_cost over the whole of epoch 0 (the warm-up), its first batch (start-up) reported apart."""
+    loader.set_epoch(0)
+    return main_thread_cost(iter(loader), len(loader), busy_ms / 1000, skip_first=True)
+
+
 def bench_setting(index, size: int, randaugment, args) -> dict:
     loaders = {
         b: build_loader(index, train=True, img_size=size, batch_size=args.batch_size, backend=b, device=args.device,
-                        num_workers=args.workers, randaugment=randaugment, seed=0)
-        for b in BACKENDS
+                        num_workers=args.workers, randaugment=randaugment, reprob=args.reprob, seed=0)
+        for b in args.backends
     }
+    main = {}
     try:
-        for b in BACKENDS:  # warm-up, excluded
-            time_epoch(loaders[b], 0)
+        for b in args.backends:  # warm-up, excluded from the throughput; the main-thread cost of a first epoch
+            main[b] = first_epoch_main_thread(loaders[b], args.consumer_ms)
+            print(f"  size {size} ra={randaugment} epoch 0: {b:12s} main thread {main[b]['main_thread_ms_per_batch']} "
+                  f"CPU ms/batch, {main[b]['main_thread_wall_ms_per_batch']} wall ms/batch (consumer busy "
+                  f"{args.consumer_ms} ms/batch, load {os.getloadavg()[0]:.1f})", flush=True)
+        if args.repeats == 0:  # the first epoch's main-thread figure only
+            return {"img_size": size, "randaugment": list(randaugment) if randaugment else None,
+                    "reprob": args.reprob, "first_epoch": main,
+                    "main_thread_ms_per_batch": {b: main[b]["main_thread_ms_per_batch"] for b in args.backends}}
         runs = {b: [] for b in BACKENDS}
         cpu = {b: [] for b in BACKENDS}
         for r in range(args.repeats):
@@ -111,7 +132,9 @@ def bench_setting(index, size: int, randaugment, args) -> dict:
     med = {b: statistics.median(v) for b, v in runs.items()}
     paired = [d / t for d, t in zip(runs["dali"], runs["torchvision"])]
     return {
-        "img_size": size, "randaugment": list(randaugment) if randaugment else None,
+        "img_size": size, "randaugment": list(randaugment) if randaugment else None, "reprob": args.reprob,
+        "first_epoch": main,
+        "main_thread_ms_per_batch": {b: main[b]["main_thread_ms_per_batch"] for b in BACKENDS},
         "img_per_s": {b: [round(v, 1) for v in runs[b]] for b in BACKENDS},
         "median_img_per_s": {b: round(med[b], 1) for b in BACKENDS},
         "spread_img_per_s": {b: [round(min(runs[b]), 1), round(max(runs[b]), 1)] for b in BACKENDS},
@@ -139,20 +162,28 @@ def to_markdown(record: dict) -> str:
         f"- command: `{env['argv']}`",
         "",
         "| size | RandAugment | DALI img/s (min-max) | torchvision img/s (min-max) | DALI / torchvision "
-        "| CPU ms/img DALI | CPU ms/img torchvision | CPU ratio |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| CPU ms/img DALI | CPU ms/img torchvision | CPU ratio | main thread ms/batch DALI | torchvision |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in record["results"]:
         ra = "off" if r["randaugment"] is None else f"n={r['randaugment'][0]}, m={r['randaugment'][1]}"
+        if "median_img_per_s" not in r:  # --repeats 0
+            m = r["main_thread_ms_per_batch"]
+            lines.append(f"| {r['img_size']} | {ra} | - | - | - | - | - | - | {m.get('dali', '-')} | "
+                         f"{m.get('torchvision', '-')} |")
+            continue
         d, t = r["median_img_per_s"], r["spread_img_per_s"]
         lines.append(
             f"| {r['img_size']} | {ra} | {d['dali']:.0f} ({t['dali'][0]:.0f}-{t['dali'][1]:.0f}) | "
             f"{d['torchvision']:.0f} ({t['torchvision'][0]:.0f}-{t['torchvision'][1]:.0f}) | "
             f"{r['ratio_dali_over_torchvision']:.2f}x | {r['median_cpu_ms_per_img']['dali']:.2f} | "
-            f"{r['median_cpu_ms_per_img']['torchvision']:.2f} | {r['cpu_ratio_torchvision_over_dali']:.2f}x |")
+            f"{r['median_cpu_ms_per_img']['torchvision']:.2f} | {r['cpu_ratio_torchvision_over_dali']:.2f}x | "
+            f"{r['main_thread_ms_per_batch']['dali']} | {r['main_thread_ms_per_batch']['torchvision']} |")
     lines += ["", "Medians over the timed epochs; the ratio is of the medians (median of paired ratios in the JSON). "
               "CPU ms/img: user+system CPU of the loader's process and its DataLoader workers per image, less "
-              "sensitive than img/s to other load on a shared machine; CPU ratio = torchvision / DALI."]
+              "sensitive than img/s to other load on a shared machine; CPU ratio = torchvision / DALI. "
+              f"Main thread ms/batch: the consumer's own CPU time inside next(loader) in the first epoch (median "
+              f"over its batches after the first), the consumer sleeping {cfg['consumer_ms']} ms per batch."]
     return "\n".join(lines) + "\n"
 
 
@@ -162,12 +193,20 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="128,176,192")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=None, help="DALI threads = DataLoader workers (default: cores)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="timed epochs per loader (0: only the first epoch's "
+                    "main-thread figure)")
     ap.add_argument("--randaugment", choices=("on", "off", "both"), default="both")
+    ap.add_argument("--backends", default=",".join(BACKENDS), help="with --repeats 0: measure only these")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--reprob", type=float, default=0.0, help="random erasing probability (seed recipe: 0.25)")
+    ap.add_argument("--consumer-ms", type=float, default=150.0,
+                    help="first epoch: the consumer's time per batch outside next(loader), as a GPU step's")
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args(argv)
     args.workers = default_num_workers() if args.workers is None else args.workers
+    args.backends = tuple(args.backends.split(","))
+    if args.repeats > 0 and sorted(args.backends) != sorted(BACKENDS) or not set(args.backends) <= set(BACKENDS):
+        ap.error(f"--backends: {', '.join(BACKENDS)} (a subset only with --repeats 0)")
     if args.data is None:
         from convnext_fast.data.demo import ensure_demo_dataset
 
@@ -181,15 +220,17 @@ def main(argv=None) -> int:
         for size in (int(s) for s in args.sizes.split(",")):
             results.append(bench_setting(index, size, ra, args))
             r = results[-1]
-            print(f"size {size} ra={ra}: dali {r['median_img_per_s']['dali']:.0f} img/s, torchvision "
-                  f"{r['median_img_per_s']['torchvision']:.0f} img/s -> {r['ratio_dali_over_torchvision']:.2f}x",
-                  flush=True)
+            if "median_img_per_s" in r:
+                print(f"size {size} ra={ra}: dali {r['median_img_per_s']['dali']:.0f} img/s, torchvision "
+                      f"{r['median_img_per_s']['torchvision']:.0f} img/s -> {r['ratio_dali_over_torchvision']:.2f}x",
+                      flush=True)
     record = {
         "environment": env,
         "config": {"data": args.data, "num_images": len(index), "batch_size": args.batch_size,
-                   "workers": args.workers, "repeats": args.repeats, "device": args.device,
+                   "workers": args.workers, "repeats": args.repeats, "device": args.device, "reprob": args.reprob,
+                   "consumer_ms": args.consumer_ms,
                    "transforms": "RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3) + flip 0.5 + RandAugment + "
-                                 "normalize; float32 channels_last"},
+                                 "normalize (+ random erasing when reprob > 0); float32 channels_last"},
         "results": results,
     }
     out_dir = Path(args.out_dir)

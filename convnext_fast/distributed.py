@@ -48,30 +48,49 @@ def _env_int(name: str, default: int) -> int:
 def init_distributed(device: str | None = None, timeout_s: float = 1800.0) -> DistInfo:
     """Join the torchrun process group if there is one; return this process's rank and device.
 
-    `device`: "cuda", "cpu" or None (CUDA when available). Under torchrun with CUDA, the device is cuda:LOCAL_RANK.
+    `device`: "cuda", "cuda:N", "cpu" or None (CUDA when available). Under torchrun with CUDA, the device is
+    cuda:LOCAL_RANK; "cuda:N" is then refused unless N == LOCAL_RANK. In a single process "cuda:N" is used as given.
     """
     global _INFO
     rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
-    kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    kind = torch.device(kind).type
+    dev = _process_device(device, local_rank, launched="LOCAL_RANK" in os.environ)
+    kind = dev.type
     if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-        if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPU(s)")
-        dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
-    elif kind == "cpu":
-        dev = torch.device("cpu")
-    else:
-        raise ValueError(f"--device {device}: expected 'cuda' or 'cpu'")
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if kind == "cuda" else "gloo"
         kwargs = {"device_id": dev} if kind == "cuda" else {}
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kwargs)
     _INFO = DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
     return _INFO
+
+
+def _process_device(device: str | None, local_rank: int, launched: bool) -> torch.device:
+    """This process's device: `device` (None: CUDA when available), a CUDA index from torchrun's LOCAL_RANK when
+    launched by it, else the index given (default 0). A one-line ValueError for what cannot work."""
+    try:
+        want = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device}: expected 'cuda', 'cuda:N' or 'cpu'") from None
+    if want.type == "cpu":
+        return torch.device("cpu")
+    if want.type != "cuda":
+        raise ValueError(f"--device {device}: expected 'cuda', 'cuda:N' or 'cpu'")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    count = torch.cuda.device_count()
+    if launched:
+        if want.index is not None and want.index != local_rank:
+            raise ValueError(f"--device {device} conflicts with torchrun's LOCAL_RANK={local_rank} (each process uses "
+                             f"cuda:LOCAL_RANK): pass --device cuda, and choose GPUs with CUDA_VISIBLE_DEVICES")
+        if local_rank >= count:
+            raise ValueError(f"LOCAL_RANK={local_rank} but this node has {count} GPU(s)")
+        return torch.device("cuda", local_rank)
+    index = 0 if want.index is None else want.index
+    if index >= count:
+        raise ValueError(f"--device {device}: this machine has {count} GPU(s) (cuda:0..cuda:{count - 1})")
+    return torch.device("cuda", index)
 
 
 def get_info() -> DistInfo:

@@ -62,8 +62,12 @@ def test_every_measurement_ran_with_timm_style_keys(quick):
         assert r["param_count"] == pytest.approx(doc["param_count"]) and r["loss_finite"]
     for r in _records(doc, "loop"):
         assert 0 <= r["data_wait_pct"] <= 100
+        assert r["reprob"] == 0.25  # the seed recipe's random erasing, beside the steps' Mixup/CutMix
         assert r["loader"] == {"baseline": "torchvision", "fast": "dali", "fast-cached": "dali-cached"}[r["name"]]
     for r in _records(doc, "loader"):
+        # What the loader leaves on the consuming thread, measured with the consumer busy between batches.
+        assert r["main_thread_ms_per_batch"] >= 0 and r["main_thread_batches"] > 0 and r["consumer_busy_ms"] > 0
+        assert r["main_thread_wall_ms_per_batch"] >= 0
         # The cached loader really ran from a cache: the decode pass happened and the memory is accounted.
         if r["name"] == "dali-cached":
             info = r["cache_info"]

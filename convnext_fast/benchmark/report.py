@@ -37,15 +37,17 @@ def _rows(doc: dict) -> list[list[str]]:
     records = sorted(doc["results"], key=lambda r: (r["img_size"], _KIND_ORDER[r["kind"]]))
     for r in records:
         if "error" in r:
-            rows.append([str(r["img_size"]), _what(r), f"not measured: {r['error']}", "", "", "", "", ""])
+            rows.append([str(r["img_size"]), _what(r), f"not measured: {r['error']}", "", "", "", "", "", ""])
             continue
         rows.append([str(r["img_size"]), _what(r), _spread(r), _num(r["step_time_ms"]),
-                     _num(r.get("data_wait_pct"), ".1f", "%"), _num(r.get("compile_s"), ".1f", " s"),
+                     _num(r.get("data_wait_pct"), ".1f", "%"), _num(r.get("main_thread_ms_per_batch"), ".2f"),
+                     _num(r.get("compile_s"), ".1f", " s"),
                      _num(r.get("peak_mem_mib"), ".0f"), _num(r.get("mfu_pct"), ".1f", "%")])
     return rows
 
 
-_HEADERS = ["size", "measurement", "img/s median [min-max]", "ms/batch", "data-wait", "compile", "peak MiB", "MFU"]
+_HEADERS = ["size", "measurement", "img/s median [min-max]", "ms/batch", "data-wait", "main-thread ms/batch",
+            "compile", "peak MiB", "MFU"]
 
 
 def _summary_rows(doc: dict) -> list[list[str]]:

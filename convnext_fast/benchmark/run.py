@@ -26,7 +26,7 @@ import torch
 
 from convnext_fast.benchmark.env import FLOPS_CONVENTION, collect_environment, forward_flops, mfu, peak_tflops
 from convnext_fast.benchmark.summary import CACHED_LOADER, LOOP_ENGINE, LOOPS, summarize
-from convnext_fast.benchmark.timing import Meter, PeakMemory, endless, interleave
+from convnext_fast.benchmark.timing import Meter, PeakMemory, endless, interleave, main_thread_cost
 from convnext_fast.config import RecipeConfig
 from convnext_fast.data import ImageIndex, build_loader, scan_folder
 from convnext_fast.engine import BASELINE_SPEED, FAST_SPEED, SpeedConfig, build_engine
@@ -38,6 +38,11 @@ SCHEMA = "convnext_fast.benchmark/1"
 SPEED_FEATURES = ("compile", "amp", "channels_last", "fused_adamw", "device_mixup", "ema")
 # The recipe both steps train (ConvNeXt paper's Mixup/CutMix/smoothing/EMA): the speed features change how, not what.
 RECIPE = RecipeConfig(mixup=0.8, cutmix=1.0, smoothing=0.1, model_ema=True)
+# The seed recipe's random erasing (config preset "seed-recipe"), on in the end-to-end loops' loaders.
+LOOP_REPROB = 0.25
+# main_thread_ms_per_batch: the consumer sleeps this multiple of the loader's own ms/batch after each batch, as a
+# GPU step would take that long: a loader that keeps up with its consumer is measured on its hand-over alone.
+CONSUMER_BUSY_FACTOR = 1.5
 
 
 @dataclass(frozen=True)
@@ -114,13 +119,13 @@ class _Run:
         self.cfg, self.index, self.peak, self.log = cfg, index, peak, log
         self.num_classes = len(index.classes)
 
-    def data_loader(self, backend: str, size: int):
+    def data_loader(self, backend: str, size: int, reprob: float = 0.0):
         cfg = self.cfg
         kwargs = {"num_classes": self.num_classes} if backend == "synthetic" else {}
         if backend == CACHED_LOADER:  # decode once, then augment from the cache (its decode pass is warm-up)
             backend, kwargs = "dali", {"cache": "auto"}
         return build_loader(self.index, train=True, img_size=size, batch_size=cfg.batch_size, backend=backend,
-                            device=cfg.device, seed=cfg.seed, num_workers=cfg.workers, **kwargs)
+                            device=cfg.device, seed=cfg.seed, num_workers=cfg.workers, reprob=reprob, **kwargs)
 
     def meter_kwargs(self, steps: int | None = None) -> dict:
         cfg = self.cfg
@@ -148,15 +153,18 @@ class _Run:
             return {**base, "error": f"{type(e).__name__}: {e}"}
         try:
             # On CUDA, torch's allocator does not see DALI's memory: no figure rather than a wrong one.
-            meter = Meter.loader(endless(loader), track_memory=self.cfg.device.type == "cpu",
+            stream = endless(loader)
+            meter = Meter.loader(stream, track_memory=self.cfg.device.type == "cpu",
                                  **self.meter_kwargs(self.cfg.loader_steps))
             (timing,) = interleave([meter], self.cfg.repeats)
+            busy_s = CONSUMER_BUSY_FACTOR * timing.step_time_ms / 1000
+            main = main_thread_cost(stream, self.cfg.loader_steps, busy_s)
         finally:
             loader.close()
         if getattr(loader, "cache_info", None):
             base["cache_info"] = loader.cache_info  # where the cache lives, its size, the decode pass's seconds
-        return {**base, "batch_size": self.cfg.batch_size, "workers": self.cfg.workers,
-                "batches_per_epoch": len(loader), **timing.to_dict(), "load_avg_1m": _load_avg()}
+        return {**base, "batch_size": self.cfg.batch_size, "workers": self.cfg.workers, "reprob": 0.0,
+                "batches_per_epoch": len(loader), **timing.to_dict(), **main, "load_avg_1m": _load_avg()}
 
     def step_meters(self, engines: dict, size: int) -> dict:
         """Each engine's train_step alone on a device-resident synthetic batch: its ceiling."""
@@ -180,7 +188,7 @@ class _Run:
         meters = {}
         for name in (n for n in LOOPS if LOOPS[n] in self.cfg.loaders):
             try:
-                loaders[name] = self.data_loader(LOOPS[name], size)
+                loaders[name] = self.data_loader(LOOPS[name], size, reprob=LOOP_REPROB)
             except ImportError as e:
                 errors.append({"kind": "loop", "name": name, "loader": LOOPS[name], "img_size": size,
                                "error": f"{type(e).__name__}: {e}"})
@@ -210,7 +218,7 @@ class _Run:
         for ((kind, name), (_, engine, loss)), timing in zip(meters.items(), timings):
             rec = self.engine_record(kind, name, size, engine, flops, timing, loss)
             if kind == "loop":
-                rec.update(loader=LOOPS[name], workers=self.cfg.workers)
+                rec.update(loader=LOOPS[name], workers=self.cfg.workers, reprob=LOOP_REPROB)
             out.append(rec)
         return out + errors
 
@@ -250,6 +258,8 @@ def _one_line(rec: dict) -> str:
             f"{rec['samples_per_sec_max']:.1f}]  {rec['step_time_ms']:.1f} ms/batch")
     if rec.get("data_wait_pct") is not None:
         line += f"  data-wait {rec['data_wait_pct']:.1f}%"
+    if rec.get("main_thread_ms_per_batch") is not None:
+        line += f"  main thread {rec['main_thread_ms_per_batch']:.2f} ms/batch"
     if rec.get("compile_s") is not None:
         line += f"  compile {rec['compile_s']:.1f}s"
     return line
@@ -337,7 +347,13 @@ def _notes(cfg: BenchConfig) -> list[str]:
         "fp32, NCHW, foreach AdamW, timm Mixup (host-drawn), per-tensor EMA.",
         "Loaders run train augmentation (random-resized-crop, flip, RandAugment 2/9) with the same CPU budget "
         f"({cfg.workers} DALI threads / DataLoader workers); epoch ends are part of the stream. The synthetic "
-        "loader replays device-resident batches: its figure is the harness's overhead, not a loader's speed.",
+        "loader replays device-resident batches: its figure is the harness's overhead, not a loader's speed. "
+        f"The end-to-end loops' loaders add the seed recipe's random erasing (p={LOOP_REPROB}); with the steps' "
+        "Mixup/CutMix that is the seed recipe's whole augmentation.",
+        "main_thread_ms_per_batch (loader records): the consuming thread's own CPU time inside next(loader) "
+        "(time.thread_time), median over loader_steps batches, while it sleeps "
+        f"{CONSUMER_BUSY_FACTOR}x the loader's ms/batch after each batch as if a GPU step ran: the host work a "
+        "loader leaves on the training thread. main_thread_wall_ms_per_batch: its wall time there.",
         f"Projected epoch time = {cfg.dataset_size} images / end-to-end img/s.",
         "Speed-ups are ratios of medians; 'rounds a-b, ahead k/n' gives the range of the round-by-round ratios of "
         "the interleaved windows and in how many rounds the fast side was faster: a range across 1.0 means the "

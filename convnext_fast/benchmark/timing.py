@@ -10,6 +10,8 @@ Measurements that are compared (baseline vs fast) run their windows interleaved,
 shared, noisy machine slows both alike instead of whichever happened to run during a burst (`interleave`).
 
 `Meter.loop` also splits each window into time blocked in `next(loader)` (data-wait) and the rest.
+`main_thread_cost` measures what a loader costs the thread that consumes it (the training thread, which also
+launches the GPU step): its own CPU time inside `next(loader)` while it spends a fixed time per batch elsewhere.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Meter", "PeakMemory", "Timing", "endless", "interleave", "sync"]
+__all__ = ["Meter", "PeakMemory", "Timing", "endless", "interleave", "main_thread_cost", "sync"]
 
 
 def sync(device: torch.device) -> None:
@@ -275,3 +277,36 @@ def interleave(meters: Sequence[Meter], repeats: int) -> list[Timing]:
         for m in (meters if r % 2 == 0 else list(reversed(meters))):
             m.window()
     return [m.timing() for m in meters]
+
+
+def main_thread_cost(batches: Iterator, n: int, busy_s: float, *, skip_first: bool = False) -> dict:
+    """What `n` calls of `next(batches)` cost the calling thread, while it spends `busy_s` per batch elsewhere.
+
+    The consumer sleeps `busy_s` after each batch, as a training thread does while the GPU runs its step (it
+    waits on the device with the GIL released), so a loader that works ahead has the time to. Reported per
+    batch (median over the calls; `skip_first`: the first call, pipeline build and start-up, is reported apart):
+    `main_thread_ms_per_batch` = the calling thread's CPU time inside next() (`time.thread_time`: other
+    threads' and processes' work is not counted, however busy the machine), `main_thread_wall_ms_per_batch` =
+    its wall time there (waiting for a batch not ready yet, or for the GIL, included).
+    """
+    cpu, wall = [], []
+    for _ in range(n):
+        c0, w0 = time.thread_time(), time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            break
+        cpu.append(time.thread_time() - c0)
+        wall.append(time.perf_counter() - w0)
+        del batch  # the consumer is done with it during its step (a host batch's free is not next()'s cost)
+        time.sleep(busy_s)
+    out = {"consumer_busy_ms": round(busy_s * 1000, 3)}
+    if skip_first and cpu:
+        out["main_thread_first_batch_ms"] = round(cpu[0] * 1000, 3)
+        cpu, wall = cpu[1:], wall[1:]
+    if not cpu:
+        return {**out, "main_thread_ms_per_batch": None, "main_thread_wall_ms_per_batch": None,
+                "main_thread_batches": 0}
+    return {**out, "main_thread_ms_per_batch": round(statistics.median(cpu) * 1000, 3),
+            "main_thread_wall_ms_per_batch": round(statistics.median(wall) * 1000, 3),
+            "main_thread_ms_max": round(max(cpu) * 1000, 3), "main_thread_batches": len(cpu)}

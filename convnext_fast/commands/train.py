@@ -92,7 +92,7 @@ FLAGS: dict[str, tuple[str, str, Any, str | None]] = {
     "--epochs": ("run", "epochs", _INT, "N"),
     "--seed": ("run", "seed", _INT, "N"),
     "--patience": ("run", "patience", _optional(_INT), "N|off"),
-    "--device": ("run", "device", _text, "cuda|cpu"),
+    "--device": ("run", "device", _text, "cuda|cuda:N|cpu"),
     "--out": ("run", "out", _text, "RUN_DIR"),
     "--name": ("run", "name", _text, "NAME"),
     "--log-every": ("run", "log_every", _INT, "STEPS"),

@@ -112,6 +112,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
             raise ValueError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
+        elif dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
     elif dev.type != "cpu":
         raise ValueError(f"--device {device}: expected 'cuda', 'cuda:N' or 'cpu'")
     return dev

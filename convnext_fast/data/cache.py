@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from convnext_fast.data.index import DatasetError, format_paths
+from convnext_fast.data.transfer import to_device
 
 AUTO_DEVICE_FRACTION = 0.5  # model, optimizer, activations and DALI's own buffers need the rest
 AUTO_HOST_FRACTION = 0.5
@@ -193,7 +194,7 @@ class DecodedCache:
         """The padded images of `positions` as one [B, Hpad, Wpad, 3] tensor on `device`."""
         rows = self.rows(positions)
         if self.pixels.is_cuda:
-            return self.pixels.index_select(0, torch.from_numpy(rows).to(self.pixels.device, non_blocking=True))
+            return self.pixels.index_select(0, to_device(rows, self.pixels.device))
         # numpy, not torch, on the host: torch's intra-op (OpenMP) threads spin after each op and took CPU from
         # DALI's threads (measured: 2x slower epochs on 2 cores)
         if device.type == "cuda":  # a pinned staging buffer: torch's host allocator keeps it until the copy is done

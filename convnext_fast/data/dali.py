@@ -1,10 +1,12 @@
 """The DALI backend: decode + augment on the GPU (`mixed` decoder, `gpu` ops), the same graph on the CPU without one.
 
-The pipeline is built once per loader. The host (this process's main thread) reads each batch's encoded files and
-draws every random parameter in numpy from (seed, epoch, shard, batch) (`dali_params`), then feeds both through
-`external_source`; so the batches of an epoch are a pure function of (seed, epoch, shard), resume is
-`set_epoch(e)`, and a decode failure is mapped back to the files of the batch that failed. DALI is imported only
-here, lazily, by the registry in `convnext_fast.data`.
+The pipeline is built once per loader. The host reads each batch's encoded files and draws every random parameter
+in numpy from (seed, epoch, shard, batch) (`dali_params`), then feeds both through `external_source`; so the
+batches of an epoch are a pure function of (seed, epoch, shard), resume is `set_epoch(e)`, and a decode failure is
+mapped back to the files of the batch that failed. All of that host work, and driving the pipeline itself, runs on
+one background thread per epoch (`Prefetcher`), a few batches ahead: the consumer (the training thread) only takes
+finished batches from a queue. An error still surfaces at the batch it belongs to. DALI is imported only here,
+lazily, by the registry in `convnext_fast.data`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,11 @@ from convnext_fast.data import cache as C
 from convnext_fast.data.dali_faults import DaliFaults
 from convnext_fast.data.cache import DecodedCache
 from convnext_fast.distributed import print0
+from convnext_fast.data.dali_augment import train_augment
 from convnext_fast.data.dali_params import plan_eval_batch, plan_train_batch
+from convnext_fast.data.erase import random_erase
+from convnext_fast.data.prefetch import Prefetcher
+from convnext_fast.data.transfer import to_device
 
 _RA_INPUTS = ("geom", "pad_h", "pad_w", "warp", "warp_size", "bc", "brightness", "contrast", "color", "saturation",
               "sharp", "kernel", "autocontrast", "equalize", "postsol", "post_mask", "sol_thresh", "sol_inv")
@@ -39,41 +45,6 @@ def input_names(cfg: LoaderConfig, cached: str | None = None) -> tuple[str, ...]
     """The per-sample host plans the pipeline for `cfg` reads (besides the encoded bytes or cached pixels)."""
     sizes = ("cache_h", "cache_w") if cached == "padded" else ()
     return sizes + ("out_size", "roi_start", "roi_end") + (_RA_INPUTS if _randaugment_on(cfg) else ())
-
-
-def _train_augment(img, p: dict, dev: str):
-    """RandAugment stages after the crop; each runs only on the samples whose flag is set (DALI conditionals)."""
-    from nvidia.dali import fn, types
-
-    def on_dev(node):  # per-sample parameters used as regular inputs must live where the data is
-        return node.gpu() if dev == "gpu" else node
-
-    if p["bc"]:
-        gray = fn.color_space_conversion(img, image_type=types.RGB, output_type=types.GRAY)
-        # PIL's Contrast blends with the mean of the grayscale image; DALI's contrast_center takes it per sample.
-        mean = fn.reductions.mean(gray, axis_names="HWC")
-        img = fn.brightness_contrast(img, brightness=p["brightness"], contrast=p["contrast"],
-                                     contrast_center=mean.cpu())
-    if p["color"]:
-        # PIL's Color: blend with the grayscale image (fn.saturation works in HSV, a different op).
-        gray = fn.color_space_conversion(img, image_type=types.RGB, output_type=types.GRAY)
-        sat = on_dev(p["saturation"])
-        img = fn.cast(sat * img + (1.0 - sat) * gray, dtype=types.UINT8)  # float math: no uint8 wrap-around
-    if p["sharp"]:
-        img = fn.filter(img, on_dev(p["kernel"]), border="clamp")
-    if p["autocontrast"]:
-        lo = fn.cast(fn.reductions.min(img, axis_names="HW"), dtype=types.FLOAT)
-        hi = fn.cast(fn.reductions.max(img, axis_names="HW"), dtype=types.FLOAT)
-        spread = hi > lo  # PIL leaves a flat channel unchanged
-        std = ((hi - lo) * spread + (spread ^ True) * 255.0) / 255.0
-        img = fn.crop_mirror_normalize(img, mean=(lo * spread).cpu(), std=std.cpu(), dtype=types.UINT8,
-                                       output_layout="HWC")
-    if p["equalize"]:
-        img = fn.equalize(img)
-    if p["postsol"]:
-        img = img & on_dev(p["post_mask"])
-        img = img ^ ((img >= on_dev(p["sol_thresh"])) * on_dev(p["sol_inv"]))
-    return img
 
 
 def _graph(cfg: LoaderConfig, dev: str, cached: str | None = None):
@@ -107,7 +78,7 @@ def _graph(cfg: LoaderConfig, dev: str, cached: str | None = None):
     img = fn.resize(img, size=p["out_size"], roi_start=p["roi_start"], roi_end=p["roi_end"], roi_relative=False,
                     antialias=True, interp_type=types.INTERP_LINEAR, dtype=types.UINT8)
     if _randaugment_on(cfg):
-        img = _train_augment(img, p, dev)
+        img = train_augment(img, p, dev)
     out_type = types.FLOAT16 if cfg.dtype == torch.float16 else types.FLOAT
     return fn.crop_mirror_normalize(img, mean=[255 * m for m in cfg.mean], std=[255 * s for s in cfg.std],
                                     dtype=out_type, output_layout="HWC")
@@ -137,6 +108,8 @@ class DaliLoader(DaliFaults):
         self._plans: Iterator | None = None
         self._pending: deque = deque()  # (batch, paths, labels) fed to DALI and not yet returned, in order
         self._dirty = False  # an epoch was started and its pipeline state not yet reset
+        self._plan_error: BaseException | None = None  # a host read of a batch fed ahead failed: raised at its turn
+        self._feeder: Prefetcher | None = None  # the thread running the current epoch
         self._init_faults()
 
     def _epoch_positions(self) -> np.ndarray:
@@ -207,8 +180,17 @@ class DaliLoader(DaliFaults):
             yield b, pos, feed
 
     def _feed(self) -> None:
-        """Pipeline.iter_setup: feed the next batch; StopIteration (from `next`) ends the epoch for DALI."""
-        b, pos, feed = next(self._plans)
+        """Pipeline.iter_setup: feed the next batch; StopIteration (from `next`) ends the epoch for DALI.
+
+        Runs ahead of the batches returned (DALI's prefetch): a batch whose files cannot be read ends the epoch for
+        DALI here, and its error is raised when the batches before it have been returned (`_run_epoch`)."""
+        try:
+            b, pos, feed = next(self._plans)
+        except StopIteration:
+            raise
+        except Exception as e:
+            self._plan_error, self._plans = e, iter(())
+            raise StopIteration from None
         for name in input_names(self.cfg, self._cached_kind()) + ("encoded", "pixels"):
             if name not in feed:
                 continue
@@ -277,7 +259,7 @@ class DaliLoader(DaliFaults):
         pipe.iter_setup = self._feed
         return pipe
 
-    def _to_batch(self, out, b: int, labels: np.ndarray) -> Batch:
+    def _to_batch(self, out, epoch: int, b: int, labels: np.ndarray) -> Batch:
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         c = self.cfg
@@ -289,8 +271,8 @@ class DaliLoader(DaliFaults):
         if images.dtype != c.dtype:
             images = images.to(c.dtype)
         if c.train and c.reprob > 0:
-            images = random_erase(images, c.reprob, np.random.default_rng([c.seed, self._iter_epoch, c.shard_id, b, 1]))
-        return Batch(images, torch.from_numpy(labels).to(c.device, non_blocking=True))
+            images = random_erase(images, c.reprob, np.random.default_rng([c.seed, epoch, c.shard_id, b, 1]))
+        return Batch(images, to_device(labels, c.device))
 
     def _decode_error(self, err: Exception) -> DatasetError:
         """Name the file DALI could not decode (`.path` on the error; None when it cannot be told). DALI reports
@@ -324,21 +306,46 @@ class DaliLoader(DaliFaults):
         self._dirty = False
 
     def __iter__(self) -> Iterator[Batch]:
+        self._stop_feeder()
         self._ensure_cache()
         if self._pipe is None:
             self._pipe = self._build_pipeline()
             self._dirty = False
         elif self._dirty:
             self._drain()
+        # One plain thread that also drives the pipeline, not a planning thread or DALI's parallel external_source
+        # feeding a pipeline the consumer drives: DALI runs iter_setup (feed_input of ~20 inputs) on the thread that
+        # calls schedule_run, and the output copy (+ erasing) stays with outputs(). Measured at batch 256, 32 px,
+        # RandAugment, 2 cores, first epoch: 60 ms/batch of host work, 50 in reads + headers + plans, 10 in
+        # feed_input / outputs / copy-out (more at 192 px); that 10 would stay on the training thread.
+        self._feeder = feeder = Prefetcher(self._run_epoch(self._epoch, self._positions),
+                                           int(self.cfg.option("feed_ahead", 2)), name="dali-feed",
+                                           setup=self._thread_setup)
+        try:
+            yield from feeder
+        finally:
+            if self._feeder is feeder:
+                self._stop_feeder()
+
+    def _thread_setup(self) -> None:
+        if self.cfg.device.type == "cuda":  # torch's current device is per thread
+            torch.cuda.set_device(self.cfg.device)
+
+    def _run_epoch(self, epoch: int, positions: np.ndarray) -> Iterator[Batch]:
+        """One epoch's batches, in order: feeds the pipeline and collects its outputs (on the feeder thread)."""
         pipe = self._pipe
-        self._iter_epoch = self._epoch
-        self._plans = self._batch_plans(self._epoch, self._positions, self.cfg.size_at(self._epoch))
+        # Outputs bound to torch's stream: ready in its order (no host wait) and freed in its order, after the
+        # copy out that _to_batch queues there (DALI's default, None, waits on the host for each batch).
+        stream = torch.cuda.current_stream(self.cfg.device) if self.cfg.device.type == "cuda" else None
+        self._iter_epoch = epoch
+        self._plans = self._batch_plans(epoch, positions, self.cfg.size_at(epoch))
+        self._plan_error = None
         self._dirty = True
         try:
             pipe.schedule_run()  # the first call prefetches prefetch_queue_depth batches
             while True:
                 try:
-                    (out,) = pipe.outputs()
+                    (out,) = pipe.outputs(cuda_stream=stream)
                 except StopIteration:
                     break
                 except (RuntimeError, IndexError, ValueError) as e:  # DALI reports decode failures this way
@@ -351,15 +358,24 @@ class DaliLoader(DaliFaults):
                     continue
                 b, _, labels = self._pending.popleft()
                 pipe.schedule_run()
-                yield self._to_batch(out, b, labels)
+                yield self._to_batch(out, epoch, b, labels)
+            if self._plan_error is not None:  # the batch after the last one returned could not be read
+                raise self._plan_error
             pipe.reset()
             self._dirty = False
         finally:
-            if self._dirty and self._pipe is not None:  # left early, or failed
+            if self._dirty and self._pipe is pipe:  # left early, or failed
                 try:
                     self._drain()
                 except Exception:  # a failed pipeline is not reusable: rebuild it on the next epoch
                     self._release_pipeline()
+
+    def _stop_feeder(self) -> None:
+        """Stop the epoch's thread (an early `break`, a new epoch, close): it drains the pipeline and exits."""
+        feeder, self._feeder = self._feeder, None
+        if feeder is not None and not feeder.close():  # stuck in DALI: leave it (a daemon) and its pipeline
+            self._release_pipeline()
+            self._dirty = False
 
     def _release_pipeline(self) -> None:
         self._pipe = None
@@ -367,46 +383,12 @@ class DaliLoader(DaliFaults):
         self._plans = None
 
     def close(self) -> None:
-        """Release the pipeline (its threads and buffers) and the decoded cache; iterating again rebuilds both."""
+        """Stop the feeder thread, release the pipeline (its threads and buffers) and the decoded cache; iterating
+        again rebuilds both."""
+        self._stop_feeder()
         self._release_pipeline()
         self._cache = None
         self._cache_decided = self.cfg.cache == "off"
-
-
-def random_erase(images: torch.Tensor, prob: float, rng: np.random.Generator) -> torch.Tensor:
-    """timm's RandomErasing (mode 'pixel', one box) for a whole batch: per-sample boxes drawn on the host,
-    filled with standard-normal noise (the normalized space) from a generator seeded by the same draw.
-    Modifies `images` in place and returns it."""
-    n, _, H, W = images.shape
-    erase = rng.random(n) < prob
-    area = H * W * rng.uniform(0.02, 1 / 3, (n, 10))
-    aspect = np.exp(rng.uniform(np.log(0.3), np.log(1 / 0.3), (n, 10)))
-    h = np.round(np.sqrt(area * aspect)).astype(np.int64)
-    w = np.round(np.sqrt(area / aspect)).astype(np.int64)
-    ok = (h < H) & (w < W)
-    first = np.argmax(ok, axis=1)
-    rows = np.arange(n)
-    h, w = h[rows, first], w[rows, first]
-    erase &= ok.any(axis=1)
-    if not erase.any():
-        return images
-    top = np.floor(rng.random(n) * (H - h + 1)).astype(np.int64)
-    left = np.floor(rng.random(n) * (W - w + 1)).astype(np.int64)
-    dev = images.device
-    ys = torch.arange(H, device=dev).view(1, H, 1)
-    xs = torch.arange(W, device=dev).view(1, 1, W)
-
-    def col(a):
-        return torch.from_numpy(a[erase]).to(dev).view(-1, 1, 1)
-
-    mask = (ys >= col(top)) & (ys < col(top + h)) & (xs >= col(left)) & (xs < col(left + w))  # [k, H, W]
-    gen = torch.Generator(device=dev).manual_seed(int(rng.integers(2 ** 62)))
-    noise = torch.randn((len(mask), 3, H, W), generator=gen, device=dev, dtype=images.dtype)
-    idx = torch.from_numpy(np.flatnonzero(erase)).to(dev)
-    sel = images.index_select(0, idx)
-    # In place: the caller's batch tensor is freshly made for this batch (no full-batch copy per step).
-    images.index_copy_(0, idx, torch.where(mask.unsqueeze(1), noise, sel))
-    return images
 
 
 def build(index: ImageIndex, cfg: LoaderConfig) -> DaliLoader:
