@@ -261,6 +261,9 @@ def _fmt(v: Any, spec: str = ".2f") -> str:
     return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
 
 
+_INT_KEYS = ("epoch", "img_size", "eval_img_size")  # counts and pixels: no decimals
+
+
 def epoch_table(rows: Iterable[dict], keys: Sequence[str] | None = None, title: str | None = None):
     """A rich Table of epoch rows; columns are ``keys`` (default: the known keys present in any row)."""
     from rich.table import Table
@@ -274,7 +277,7 @@ def epoch_table(rows: Iterable[dict], keys: Sequence[str] | None = None, title: 
         table.add_column(k, justify="right")
     for r in rows:
         table.add_row(*[_fmt(r.get(k), ".3g" if k == "lr" else ".4g" if "loss" in k else ".2f")
-                        if k != "epoch" else str(r.get(k, "")) for k in keys])
+                        if k not in _INT_KEYS else str(r.get(k, "")) for k in keys])
     return table
 
 

@@ -106,3 +106,10 @@ def test_rich_tables_render(tmp_path):
     console.print(epoch_table(_rows()))
     out = console.export_text()
     assert "ema_val_top1" in out and "0.0005" in out
+
+
+def test_epoch_table_prints_sizes_as_pixels():
+    console = Console(record=True, width=120)
+    console.print(epoch_table([{"epoch": 1, "img_size": 128, "val_top1": 20.0}], keys=["epoch", "img_size", "val_top1"]))
+    out = console.export_text()
+    assert " 128 " in out and "128.00" not in out and "20.00" in out
