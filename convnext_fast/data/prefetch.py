@@ -13,14 +13,28 @@ and hands over what it has prepared, in order:
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 
 _PUT_POLL_S = 0.05  # how often a put blocked on a full queue looks at the stop event
 _GET_POLL_S = 5.0  # a waiting consumer checks the thread is alive (it always says goodbye: a safety net; each
 # wake-up costs the consumer CPU, measured ~0.1 ms on a loaded 2-core VM)
 _ITEM, _END, _ERROR = 0, 1, 2
+_EXIT_TIMEOUT_S = 10.0
+_running: "weakref.WeakSet[Prefetcher]" = weakref.WeakSet()
+_atexit_registered = False
+
+
+def _close_running() -> None:
+    """At interpreter exit, stop the threads still running (a loader left mid-epoch, never closed): a daemon
+    thread still inside DALI's C++ code while the interpreter tears down can abort the process ("terminate called
+    without an active exception", seen under load). Registered at the first thread's start, i.e. after DALI was
+    imported, so it runs before any exit handler DALI registered (atexit runs them last-in first-out)."""
+    for p in list(_running):
+        p.close(timeout=_EXIT_TIMEOUT_S)
 
 
 class Prefetcher:
@@ -37,7 +51,12 @@ class Prefetcher:
         self._done = False
         self._thread: threading.Thread | None = None
         if not self._inline:
+            global _atexit_registered
+            if not _atexit_registered:
+                atexit.register(_close_running)
+                _atexit_registered = True
             self._thread = threading.Thread(target=self._run, args=(setup,), name=name, daemon=True)
+            _running.add(self)
             self._thread.start()
         elif setup is not None:
             setup()
