@@ -211,8 +211,8 @@ def build_engine(model_name: str, num_classes: int, *, device: torch.device | st
         from torch._dynamo import config as dynamo_config
         from torch._dynamo.utils import counters
 
-        cfg = dynamo_config
-        cfg.recompile_limit = max(cfg.recompile_limit, num_sizes + 1)
+        limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+        setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), num_sizes + 1))
         graphs_before = counters["stats"]["unique_graphs"]
         train_module = torch.compile(train_module, dynamic=False)
     optimizer = build_optimizer(model, lr=lr if lr is not None else optim.resolved_lr(4096),
