@@ -24,6 +24,7 @@ from typing import Iterator
 from convnext_fast import checkpoint as ckpt_io
 from convnext_fast.data.badfiles import read_log
 from convnext_fast.distributed import DistInfo, all_gather_object, print0
+from convnext_fast.errors import TrainingError
 from convnext_fast.runlock import RunLock
 
 
@@ -116,7 +117,6 @@ def check_data(saved: dict | None, now: dict, train_index, val_index, run_dir: P
 @contextlib.contextmanager
 def saving(run_dir: Path) -> Iterator[None]:
     """Turn a failed write during a save into a TrainingError (one line): the file, the reason, what is intact."""
-    from convnext_fast.train import TrainingError
 
     try:
         yield

@@ -23,7 +23,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -36,24 +36,14 @@ from convnext_fast.data.splits import resolve_train_val
 from convnext_fast.distributed import (DistInfo, all_gather_object, all_reduce_sum, destroy_distributed,
                                       init_distributed, print0, replica_digests)
 from convnext_fast.engine import Engine, build_engine
+from convnext_fast.errors import Interrupted, TrainingError  # noqa: F401  (re-exported: train.TrainingError)
 from convnext_fast.evaluate import evaluate
 from convnext_fast.model import check_model_name
 from convnext_fast.optim import WarmupCosine
 from convnext_fast.progress import TrainProgress, describe_run
-from convnext_fast.report import RunReporter, atomic_write_text, epoch_table, to_jsonable
+from convnext_fast.run_files import RunReporter, atomic_write_text, epoch_table, to_jsonable
 from convnext_fast.schedule import ResolutionSchedule, check_model_sizes, check_resume
-
-
-class TrainingError(RuntimeError):
-    """The run cannot continue (e.g. a non-finite loss); the last good checkpoint is kept."""
-
-
-class Interrupted(Exception):
-    """SIGINT/SIGTERM: a checkpoint was saved; ``exit_code`` is 128 + signal number."""
-
-    def __init__(self, signum: int, message: str) -> None:
-        super().__init__(message)
-        self.exit_code = 128 + signum
+from convnext_fast.sinks import Callback, Sinks
 
 
 @dataclass
@@ -77,6 +67,7 @@ class _StopRequest:
 
     def __init__(self) -> None:
         self.signum = 0
+        self.reason = ""  # set when the stop came from an epoch sink rather than a signal
         self._old: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -129,22 +120,37 @@ class _Run:
     reporter: RunReporter
     progress: TrainProgress
     schedule: ResolutionSchedule
+    sinks: Sinks
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, tty: bool | None = None) -> dict:
+def train(cfg: TrainConfig, *, resume: bool = False, tty: bool | None = None,
+          report: Callable[[dict], Any] | None = None, sinks: Sequence[Any] = ()) -> dict:
     """Train with ``cfg`` (run directory ``cfg.run.out``); ``resume`` continues from its checkpoints/last.pt.
 
-    Returns the summary dict (also written to summary.json). Raises ValueError for bad input, TrainingError for a
-    non-finite loss, Interrupted after saving a checkpoint on SIGINT/SIGTERM.
+    ``report(row)`` is called on rank 0 with each epoch's metrics.jsonl row once it is saved; returning True asks
+    the run to stop at that epoch boundary (checkpoint kept, resumable). ``sinks``: more receivers of the same
+    rows (see `convnext_fast.sinks`). Returns the summary dict (also written to summary.json). Raises ValueError
+    for bad input, TrainingError for a non-finite loss, Interrupted after saving a checkpoint on SIGINT/SIGTERM
+    or a stop asked by ``report``/a sink.
     """
     t_start = time.perf_counter()
     dist = init_distributed(cfg.run.device)
     stop = _StopRequest()
     stop.install()
     run = None
+    extra = [*sinks, *([Callback(report)] if report is not None else [])]
     try:
-        run = _setup(cfg, dist, resume, tty)
-        return _train(run, stop, t_start)
+        run = _setup(cfg, dist, resume, tty, extra)
+        try:
+            summary = _train(run, stop, t_start)
+        except Interrupted:
+            run.sinks.end("interrupted", None)
+            raise
+        except BaseException:
+            run.sinks.end("failed", None)
+            raise
+        run.sinks.end("stopped_early" if summary["stopped_early"] else "finished", summary)
+        return summary
     finally:
         stop.restore()
         if run is not None:
@@ -166,7 +172,7 @@ def _resolution(cfg: TrainConfig) -> tuple[ResolutionSchedule, int]:
     return schedule, eval_size
 
 
-def _setup(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None) -> _Run:
+def _setup(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None, sinks: Sequence[Any] = ()) -> _Run:
     """Seeds, data, loaders, engine, LR schedule, run directory; the state of ``last.pt`` when resuming."""
     _seed_everything(cfg.run.seed, dist.rank)
     if cfg.run.deterministic:
@@ -228,17 +234,18 @@ def _setup(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None) -> 
         if dist.is_main:
             run_guard.repair_after_kill(run_dir, state, engine.ema.module if engine.ema is not None else engine.model,
                                         meta)
+    progress = TrainProgress(enabled=dist.is_main, epochs=cfg.run.epochs, tty=tty)
     run = _Run(cfg=cfg, dist=dist, run_dir=run_dir, train_loader=train_loader, val_loader=val_loader, engine=engine,
                sched=sched, lr=lr, meta=meta, state=state, reporter=RunReporter(run_dir, classes, is_main=dist.is_main),
-               progress=TrainProgress(enabled=dist.is_main, epochs=cfg.run.epochs, tty=tty),
-               schedule=schedule)
+               progress=progress, schedule=schedule, sinks=Sinks(sinks, enabled=dist.is_main, warn=progress.log))
     if dist.is_main:
         resolved = {"lr": lr, "global_batch": d.batch_size * dist.world_size, "world_size": dist.world_size,
                     "steps_per_epoch": steps, "device": str(dev), "speed": dataclasses.asdict(engine.speed),
                     "train_root": str(train_index.root), "val_root": str(val_index.root),
                     "num_train": len(train_index) - run_guard.num_bad(train_index), "num_val": len(val_index),
                     "schedule": schedule.to_dict(), "eval_img_size": eval_size}
-        atomic_write_text(run_dir / "config.json", json.dumps({**cfg.to_dict(), "resolved": resolved}, indent=2))
+        config = {**cfg.to_dict(), "resolved": resolved}
+        atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2))
         atomic_write_text(run_dir / "classes.json", json.dumps(classes, indent=2))
         _write_rows(run_dir, state.rows)  # a resumed run drops rows logged after its checkpoint
         run.progress.log(describe_run(cfg, engine, dist, len(train_index), len(val_index), classes, steps, lr,
@@ -246,6 +253,7 @@ def _setup(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None) -> 
         run.progress.log(f"resolution: train {schedule.describe()} | eval {eval_size}px")
         if resume:
             run.progress.log(f"resuming {run_dir} at epoch {state.epoch + 1}, batch {state.batch_in_epoch}")
+        run.sinks.start(run_dir, config, resume)
     return run
 
 
@@ -352,6 +360,8 @@ def _train(run: _Run, stop: _StopRequest, t_start: float) -> dict:
         state.wall_time_s += time.perf_counter() - t_start
         t_start = time.perf_counter()
         run_guard.save_epoch(run_dir, engine, state, meta, dist, reporter, row, improved)
+        if run.sinks.epoch(row) and not stop.signum:  # rank 0 only; the all-reduce below tells every rank
+            stop.signum, stop.reason = signal.SIGTERM, "asked by an epoch callback"
         progress.end_epoch(row)
         if state.stopped_early:
             progress.log(f"early stopping: no better val top-1 for {patience} epochs "
@@ -372,7 +382,8 @@ def _interrupted(run_dir: Path, engine: Engine, state: LoopState, meta: dict, di
     signum = stop.signum or signal.SIGINT
     where = f"epoch {state.epoch + 1}, batch {state.batch_in_epoch}" if state.batch_in_epoch else \
         f"the end of epoch {state.epoch}"
-    return Interrupted(int(signum), f"interrupted ({signal.Signals(signum).name}) at {where}; checkpoint saved to "
+    why = stop.reason if stop.reason else signal.Signals(signum).name
+    return Interrupted(int(signum), f"interrupted ({why}) at {where}; checkpoint saved to "
                                     f"{path}; continue with: convnext-fast train --resume {run_dir}")
 
 

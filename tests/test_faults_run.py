@@ -20,7 +20,7 @@ from PIL import Image
 from convnext_fast import checkpoint as ckpt_io
 from convnext_fast.checkpoint import load_checkpoint, load_weights
 from convnext_fast.cli import main
-from convnext_fast.report import read_jsonl
+from convnext_fast.run_files import read_jsonl
 
 FLAGS = ["--loader", "torchvision", "--workers", "0", "--model", "convnext_atto", "--img-size", "32",
          "--batch-size", "8", "--device", "cpu", "--log-every", "1", "--lr", "2e-3", "--warmup-epochs", "0",
@@ -107,7 +107,7 @@ KILL_DRIVER = textwrap.dedent("""
     from types import SimpleNamespace
     from convnext_fast import checkpoint as ckpt_io, run_guard
     from convnext_fast.distributed import DistInfo
-    from convnext_fast.report import RunReporter, read_jsonl
+    from convnext_fast.run_files import RunReporter, read_jsonl
     from convnext_fast.train import LoopState
     import torch
 

@@ -14,7 +14,7 @@ from PIL import Image
 from convnext_fast.cli import main
 from convnext_fast.config import PRESETS, build_config
 from convnext_fast.data import build_loader, scan_folder
-from convnext_fast.report import plot_curves, size_changes
+from convnext_fast.run_files import plot_curves, size_changes
 from convnext_fast.schedule import ResolutionSchedule, check_model_sizes, default_ramp
 
 

@@ -10,7 +10,7 @@ minutes apart mean little):
     loader + fast step), with data-wait %.
 Both steps train the same recipe (Mixup 0.8 / CutMix 1.0, label smoothing 0.1, EMA): only the speed features
 differ. Then: projected epoch time for `dataset_size` images, speed-ups, and a verdict on what limits the fast
-loop. Timing rules are in .timing, provenance and FLOPs in .env, outputs in .report, paired ratios in .summary.
+loop. Timing rules are in .timing, provenance and FLOPs in .env, tables and files in .tables, paired ratios in .summary.
 """
 
 from __future__ import annotations
@@ -282,7 +282,7 @@ def resolve_data(data: str | None) -> tuple[Path, str]:
 
 
 def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = _log_default, command: str | None = None) -> dict:
-    """Measure every size; return the result document (.report writes and renders it).
+    """Measure every size; return the result document (.tables writes and renders it).
 
     `command`: the command line that reproduces this run, recorded with the environment.
     """

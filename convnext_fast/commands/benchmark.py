@@ -195,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from convnext_fast.benchmark.run import run_benchmark
-    from convnext_fast.benchmark.report import render_tables, write_json, write_markdown, write_plot
+    from convnext_fast.benchmark.tables import render_tables, write_json, write_markdown, write_plot
 
     cfg = build_config(args)
     outputs = _outputs(args)

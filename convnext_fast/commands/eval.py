@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from convnext_fast.report import atomic_write_text, to_jsonable
+from convnext_fast.run_files import atomic_write_text, to_jsonable
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -209,7 +209,7 @@ def _size_table(result: EvalResult):
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from convnext_fast.report import render_eval_report
+    from convnext_fast.run_files import render_eval_report
 
     sizes = parse_sizes(args.img_size)
     if args.report:

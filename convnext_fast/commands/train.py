@@ -173,7 +173,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from convnext_fast.train import Interrupted, TrainingError, train
+    from convnext_fast.errors import Interrupted, TrainingError
+    from convnext_fast.train import train
 
     cfg, resume = resolve_config(args)
     try:

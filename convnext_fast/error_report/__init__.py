@@ -34,7 +34,7 @@ def build_report(preds: Predictions, out_dir: str | Path, *, worst_n: int = 25, 
     from convnext_fast.error_report.context import analyse
     from convnext_fast.error_report.page import MATRIX_CELLS_MAX, render
     from convnext_fast.error_report.thumbs import make_thumbnails
-    from convnext_fast.report import atomic_write_text
+    from convnext_fast.run_files import atomic_write_text
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from convnext_fast.error_report.context import ReportData
-from convnext_fast.report import atomic_write_text
+from convnext_fast.run_files import atomic_write_text
 
 
 def _num(v: float, digits: int = 4) -> str:

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
-from convnext_fast.report import RunReporter, atomic_write_text, epoch_table, read_jsonl, render_eval_report
+from convnext_fast.run_files import RunReporter, atomic_write_text, epoch_table, read_jsonl, render_eval_report
 
 CLASSES = [f"class_{i}" for i in range(5)]
 CONF = [[3, 1, 0, 0, 0], [0, 4, 0, 0, 0], [1, 0, 2, 1, 0], [0, 0, 0, 0, 0], [0, 0, 0, 2, 2]]

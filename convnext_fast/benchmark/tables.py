@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from convnext_fast.benchmark.projection import projection_lines
+from convnext_fast.run_files import atomic_write_text
 
 __all__ = ["render_tables", "to_markdown", "write_json", "write_markdown", "write_plot"]
 
@@ -173,12 +174,8 @@ def _gpu_text(env: dict) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> Path:
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, text)
 
 
 def write_json(doc: dict, path: str | os.PathLike) -> Path:
