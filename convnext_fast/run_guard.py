@@ -8,7 +8,7 @@
 - `repair_after_kill`: a ``kill -9`` between the writes of an epoch's save leaves ``last.pt`` newer than
   ``best.pt``/``model.safetensors``; the resume finishes those writes (and removes temp files the kill left).
 
-The order of an epoch's writes (train.py): metrics.jsonl row -> ``last.pt`` (atomic: temp + fsync + rename + dir
+The order of an epoch's writes (loop.py): metrics.jsonl row -> ``last.pt`` (atomic: temp + fsync + rename + dir
 fsync) -> if improved, ``best.pt`` (a hard link of ``last.pt``) -> ``model.safetensors`` (atomic). ``last.pt`` is
 the commit point: a resume rewrites metrics.jsonl from its rows and redoes the best/export step if it was cut.
 """

@@ -108,7 +108,7 @@ KILL_DRIVER = textwrap.dedent("""
     from convnext_fast import checkpoint as ckpt_io, run_guard
     from convnext_fast.distributed import DistInfo
     from convnext_fast.run_files import RunReporter, read_jsonl
-    from convnext_fast.train import LoopState
+    from convnext_fast.loop import LoopState
     import torch
 
     run, kills = Path(sys.argv[1]), int(sys.argv[2])
@@ -173,7 +173,7 @@ def test_full_disk_during_a_save_is_one_line_and_keeps_the_last_good_files(one_e
         return fh
 
     monkeypatch.setattr(ckpt_io, "open", full_disk_open, raising=False)
-    import convnext_fast.train as T
+    import convnext_fast.loop as T
 
     real_evaluate = T.evaluate
 
@@ -232,7 +232,7 @@ def test_file_going_bad_mid_run_with_skip_bad_files(one_epoch, data, tmp_path, m
     raw = victim.read_bytes()
     victim.write_bytes(raw[:4] + (0xFFF0).to_bytes(2, "big") + raw[6:])  # a header that no longer parses
     # The preflight would find it: to reach run time, the file goes bad right after the preflight.
-    import convnext_fast.train as T
+    import convnext_fast.loop as T
 
     real = T.resolve_train_val
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from convnext_fast.config import build_config
 from convnext_fast.errors import Interrupted
-from convnext_fast.train import train
+import convnext_fast
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ class Broken:
 
 def test_sinks_get_the_metrics_rows_and_a_failing_sink_is_one_warning(data, tmp_path, capsys):
     rec, out = Recorder(), tmp_path / "run"
-    summary = train(cfg(data, out, epochs=2), sinks=[Broken(), rec], tty=False)
+    summary = convnext_fast.train(cfg(data, out, epochs=2), sinks=[Broken(), rec], tty=False)
     saved = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rec.events[0] == ("start", out, 2, False)
     assert [e[1] for e in rec.events if e[0] == "epoch"] == saved and len(saved) == 2
@@ -74,8 +74,8 @@ def test_report_callback_stops_at_the_epoch_boundary_and_the_run_resumes(data, t
     out, seen = tmp_path / "run", []
     rec = Recorder()
     with pytest.raises(Interrupted, match="asked by an epoch callback.*end of epoch 1"):
-        train(cfg(data, out), report=lambda row: seen.append(row["epoch"]) or True, sinks=[rec], tty=False)
+        convnext_fast.train(cfg(data, out), report=lambda row: seen.append(row["epoch"]) or True, sinks=[rec], tty=False)
     assert seen == [1] and rec.events[-1] == ("end", "interrupted", False)
     assert (out / "checkpoints" / "last.pt").exists()
-    summary = train(cfg(data, out), resume=True, report=lambda row: seen.append(row["epoch"]), tty=False)
+    summary = convnext_fast.train(cfg(data, out), resume=True, report=lambda row: seen.append(row["epoch"]), tty=False)
     assert seen == [1, 2, 3] and summary["epochs_run"] == 3

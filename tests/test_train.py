@@ -199,7 +199,7 @@ def test_stop_during_evaluation_or_the_first_compile_resumes_exactly(straight, d
                                                                      during):
     """SIGTERM while evaluating (the flag is read after the epoch's save) or during the first step (where
     torch.compile compiles; the CPU tests run the eager step, the stop path after it is the same code)."""
-    import convnext_fast.train as T
+    import convnext_fast.loop as T
 
     out = tmp_path / "run"
     if during == "evaluation":

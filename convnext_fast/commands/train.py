@@ -174,7 +174,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
 
 def run(args: argparse.Namespace) -> int:
     from convnext_fast.errors import Interrupted, TrainingError
-    from convnext_fast.train import train
+    from convnext_fast.loop import train
 
     cfg, resume = resolve_config(args)
     try:
