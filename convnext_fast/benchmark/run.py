@@ -24,11 +24,12 @@ from pathlib import Path
 
 import torch
 
+from convnext_fast.backends import set_backends
 from convnext_fast.benchmark.env import FLOPS_CONVENTION, collect_environment, forward_flops, mfu, peak_tflops
 from convnext_fast.benchmark.summary import CACHED_LOADER, LOOP_ENGINE, LOOPS, summarize
 from convnext_fast.benchmark.timing import Meter, PeakMemory, endless, interleave, main_thread_cost
 from convnext_fast.config import RecipeConfig
-from convnext_fast.data import ImageIndex, build_loader, scan_folder
+from convnext_fast.data import BackendUnavailable, ImageIndex, build_loader, scan_folder
 from convnext_fast.engine import BASELINE_SPEED, FAST_SPEED, SpeedConfig, build_engine
 from convnext_fast.schedule import ResolutionSchedule
 
@@ -149,8 +150,8 @@ class _Run:
         base = {"kind": "loader", "name": backend, "loader": backend, "img_size": size}
         try:
             loader = self.data_loader(backend, size)
-        except ImportError as e:  # e.g. DALI not installed: report it, measure the rest
-            return {**base, "error": f"{type(e).__name__}: {e}"}
+        except BackendUnavailable as e:  # DALI not installed: say so, measure the rest
+            return {**base, "error": e.status, "unavailable": True}
         try:
             # On CUDA, torch's allocator does not see DALI's memory: no figure rather than a wrong one.
             stream = endless(loader)
@@ -189,9 +190,9 @@ class _Run:
         for name in (n for n in LOOPS if LOOPS[n] in self.cfg.loaders):
             try:
                 loaders[name] = self.data_loader(LOOPS[name], size, reprob=LOOP_REPROB)
-            except ImportError as e:
+            except BackendUnavailable as e:
                 errors.append({"kind": "loop", "name": name, "loader": LOOPS[name], "img_size": size,
-                               "error": f"{type(e).__name__}: {e}"})
+                               "error": e.status, "unavailable": True})
                 continue
             loss = [torch.zeros(())]
 
@@ -290,7 +291,9 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = _log_default, c
     if len(index) < cfg.batch_size:
         raise ValueError(f"DATA {cfg.data}: {len(index)} images, fewer than --batch-size {cfg.batch_size}")
     peak, peak_source = peak_tflops(cfg.device, cfg.peak_tflops)
-    environment = {**collect_environment(cfg.device), "command": command}
+    # Both arms (baseline and fast) under training's backend policy: the ratio is the one training would see.
+    backends = set_backends()
+    environment = {**collect_environment(cfg.device), "command": command, "backends": backends}
     log(f"benchmark: {cfg.model} on {cfg.device}, batch {cfg.batch_size}, sizes {list(cfg.sizes)}, "
         f"{cfg.repeats} x {cfg.steps} steps after {cfg.warmup} warm-up; data {cfg.data} ({len(index)} images)")
     run = _Run(cfg, index, peak, log)
