@@ -343,7 +343,8 @@ def _notes(cfg: BenchConfig) -> list[str]:
         "Warm-up excluded; compile_s = warm-up time beyond steady-state steps (compile + autotune); inductor's "
         "on-disk cache from an earlier run on the machine shortens it (TORCHINDUCTOR_FX_GRAPH_CACHE=0: cold).",
         "Step-only: Engine.train_step on one device-resident synthetic batch. Loop: the loader feeding the same "
-        "step; the device is synchronized before each next(loader), so data-wait is time the device idled for data. "
+        "step; data-wait runs from asking next(loader) until the batch's own GPU work (copy, erasing) is done on the "
+        "step's stream, which is synchronized after each step: the time the device idled for data. "
         "At each size the step-only and loop measurements run interleaved (A B ... B A) in one group, so a noisy "
         "machine slows them alike; each record keeps the load average at its end.",
         "Both steps train the same recipe (Mixup 0.8, CutMix 1.0, label smoothing 0.1, EMA); baseline = eager, "

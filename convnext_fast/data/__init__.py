@@ -35,8 +35,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 __all__ = [
     "BACKENDS", "BackendUnavailable", "Batch", "DatasetError", "IMAGENET_MEAN", "IMAGENET_STD", "IMG_EXTENSIONS",
-    "ImageIndex", "Loader", "LoaderConfig", "build_loader", "default_num_workers", "epoch_indices", "find_classes", "resolve_device",
-    "scan_folder", "stratified_split",
+    "ImageIndex", "Loader", "LoaderConfig", "build_loader", "default_num_workers", "epoch_indices", "find_classes",
+    "resolve_device", "scan_folder", "stratified_split",
 ]
 
 
