@@ -64,6 +64,10 @@ def test_benchmark_records_dali_not_installed_and_measures_the_rest(folder, tmp_
                 ("loop", "baseline")):
         assert "error" not in rec[key] and rec[key]["samples_per_sec"] > 0, key
     assert doc["summary"][0]["verdict"].startswith("no verdict")
+    assert doc["peak_gpu_memory"] == [{"img_size": 32, "max_memory_allocated_mib": None,
+                                       "max_memory_reserved_mib": None, "device_used_mib_at_end": None}]  # CPU
+    jpeg = doc["environment"]["jpeg_backend"]
+    assert jpeg["dali"] is None and jpeg["expected"].startswith("nothing: DALI is not installed")
     # Both arms ran under training's backend policy, and the JSON says which.
     backends = doc["environment"]["backends"]
     assert backends["float32_matmul_precision"] == "high" and backends["cudnn_benchmark"] is True

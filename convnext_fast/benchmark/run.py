@@ -27,9 +27,11 @@ import torch
 from convnext_fast.backends import set_backends
 from convnext_fast.benchmark.env import FLOPS_CONVENTION, collect_environment, forward_flops, mfu, peak_tflops
 from convnext_fast.benchmark.summary import CACHED_LOADER, LOOP_ENGINE, LOOPS, summarize
-from convnext_fast.benchmark.timing import Meter, PeakMemory, endless, interleave, main_thread_cost
+from convnext_fast.benchmark.timing import (Meter, PeakMemory, endless, interleave, main_thread_cost,
+                                            peak_gpu_memory)
 from convnext_fast.config import RecipeConfig
 from convnext_fast.data import BackendUnavailable, ImageIndex, build_loader, scan_folder
+from convnext_fast.data.jpeg_backend import jpeg_backend_info
 from convnext_fast.engine import BASELINE_SPEED, FAST_SPEED, SpeedConfig, build_engine
 from convnext_fast.schedule import ResolutionSchedule
 
@@ -223,8 +225,11 @@ class _Run:
             out.append(rec)
         return out + errors
 
-    def measure_size(self, size: int) -> tuple[dict, list[dict]]:
+    def measure_size(self, size: int) -> tuple[dict, list[dict], dict]:
+        """(FLOPs, records, peak GPU memory) of one size."""
         cfg = self.cfg
+        if cfg.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(cfg.device)
         fwd = forward_flops(cfg.model, self.num_classes, size)
         flops = {"img_size": size, "fwd_flops_per_img": fwd, "train_flops_per_img": 3 * fwd}
         records = []
@@ -246,9 +251,10 @@ class _Run:
                 self.log(_one_line(rec))
         del engines
         gc.collect()
+        memory = peak_gpu_memory(cfg.device, size)
         if cfg.device.type == "cuda":
             torch.cuda.empty_cache()
-        return flops, records
+        return flops, records, memory
 
 
 def _one_line(rec: dict) -> str:
@@ -296,12 +302,16 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = _log_default, c
     environment = {**collect_environment(cfg.device), "command": command, "backends": backends}
     log(f"benchmark: {cfg.model} on {cfg.device}, batch {cfg.batch_size}, sizes {list(cfg.sizes)}, "
         f"{cfg.repeats} x {cfg.steps} steps after {cfg.warmup} warm-up; data {cfg.data} ({len(index)} images)")
+    if any(b.startswith("dali") for b in cfg.loaders):
+        environment["jpeg_backend"] = jpeg_backend_info(cfg.device)  # which JPEG decoder DALI gets here
+        log(f"JPEG decoding: {environment['jpeg_backend']['expected']}")
     run = _Run(cfg, index, peak, log)
-    flops, records = [], []
+    flops, records, memory = [], [], []
     for size in cfg.sizes:
-        f, r = run.measure_size(size)
+        f, r, m = run.measure_size(size)
         flops.append(f)
         records.extend(r)
+        memory.append(m)
     summary = [summarize(records, s, cfg.dataset_size, cfg.device.type) for s in cfg.sizes]
     return {
         "schema": SCHEMA,
@@ -312,6 +322,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = _log_default, c
         "flops": {"convention": FLOPS_CONVENTION, "per_size": flops},
         "peak_tflops": peak, "peak_tflops_source": peak_source,
         "memory_kind": PeakMemory(cfg.device).kind,
+        "peak_gpu_memory": memory,
         "results": records,
         "summary": summary,
         "projection": _projection(cfg, records, run.num_classes),

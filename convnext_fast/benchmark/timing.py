@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Meter", "PeakMemory", "Timing", "endless", "interleave", "main_thread_cost", "sync"]
+__all__ = ["Meter", "PeakMemory", "Timing", "endless", "interleave", "main_thread_cost", "peak_gpu_memory",
+           "sync"]
 
 
 def sync(device: torch.device) -> None:
@@ -70,6 +71,19 @@ class PeakMemory:
         if hwm is None:
             hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
         return hwm / 1024
+
+
+def peak_gpu_memory(device: torch.device, size: int) -> dict:
+    """torch's peak allocated / reserved MiB since the size's start (the caching allocator: DALI's own pool is not
+    in it), and the device's used MiB now (cudaMemGetInfo: every allocator, DALI's pool included). None on CPU."""
+    out = {"img_size": size, "max_memory_allocated_mib": None, "max_memory_reserved_mib": None,
+           "device_used_mib_at_end": None}
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        out.update(max_memory_allocated_mib=round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
+                   max_memory_reserved_mib=round(torch.cuda.max_memory_reserved(device) / 2**20, 1),
+                   device_used_mib_at_end=round((total - free) / 2**20, 1))
+    return out
 
 
 def _reset_rss_peak() -> bool:
