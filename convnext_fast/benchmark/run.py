@@ -359,7 +359,8 @@ def _notes(cfg: BenchConfig) -> list[str]:
         "At each size the step-only and loop measurements run interleaved (A B ... B A) in one group, so a noisy "
         "machine slows them alike; each record keeps the load average at its end.",
         "Both steps train the same recipe (Mixup 0.8, CutMix 1.0, label smoothing 0.1, EMA); baseline = eager, "
-        "fp32, NCHW, foreach AdamW, timm Mixup (host-drawn), per-tensor EMA.",
+        "fp32, NCHW, foreach AdamW, timm Mixup (host-drawn), per-tensor EMA. Both run under training's CUDA backend "
+        "policy (cuDNN autotuning, fp32 matmul precision 'high' = TF32): environment.backends.",
         "Loaders run train augmentation (random-resized-crop, flip, RandAugment 2/9) with the same CPU budget "
         f"({cfg.workers} DALI threads / DataLoader workers); epoch ends are part of the stream. The synthetic "
         "loader replays device-resident batches: its figure is the harness's overhead, not a loader's speed. "

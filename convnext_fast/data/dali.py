@@ -5,8 +5,9 @@ in numpy from (seed, epoch, shard, batch) (`dali_params`), then feeds both throu
 batches of an epoch are a pure function of (seed, epoch, shard), resume is `set_epoch(e)`, and a decode failure is
 mapped back to the files of the batch that failed. All of that host work, and driving the pipeline itself, runs on
 one background thread per epoch (`Prefetcher`), a few batches ahead: the consumer (the training thread) only takes
-finished batches from a queue. An error still surfaces at the batch it belongs to. DALI is imported only here,
-lazily, by the registry in `convnext_fast.data`.
+finished batches from a queue; that thread's GPU work runs on a side stream and each batch is handed to the
+consumer's current stream when taken (`streams.StreamHandoff`). An error still surfaces at the batch it belongs
+to. DALI is imported only here, lazily, by the registry in `convnext_fast.data`.
 """
 
 from __future__ import annotations
