@@ -40,8 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from convnext_fast.benchmark.env import collect_environment  # noqa: E402
-from convnext_fast.benchmark.timing import main_thread_cost  # noqa: E402
-from convnext_fast.data import build_loader, default_num_workers, scan_folder  # noqa: E402
+from convnext_fast.benchmark.timing import main_thread_cost, sync  # noqa: E402
+from convnext_fast.data import BackendUnavailable, build_loader, default_num_workers, scan_folder  # noqa: E402
 
 BACKENDS = ("dali", "torchvision")
 
@@ -77,18 +77,21 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total / _TICK
 
 
-def time_epoch(loader, epoch: int) -> tuple[float, float, int]:
+def time_epoch(loader, epoch: int, device: torch.device) -> tuple[float, float, int]:
     """(images/s, CPU ms per image, images) over one whole epoch; nothing else is done per batch.
 
     CPU time counts this process (main thread + DALI threads) and its worker processes: on a shared machine the
-    wall-clock rate depends on the neighbours, CPU per image much less so.
+    wall-clock rate depends on the neighbours, CPU per image much less so. On CUDA the device is synchronized
+    before both clock reads: a GPU loader's last batches are finished work, not just queued kernels.
     """
     loader.set_epoch(epoch)
     n = 0
     pids = _process_tree()  # persistent workers: the same processes for the whole epoch
+    sync(device)
     cpu0, start = _cpu_seconds(pids), time.perf_counter()
     for images, _ in loader:
         n += images.shape[0]
+    sync(device)
     wall, cpu = time.perf_counter() - start, _cpu_seconds(pids) - cpu0
     return n / wall, 1000 * cpu / max(n, 1), n
 
@@ -99,29 +102,41 @@ def first_epoch_main_thread(loader, busy_ms: float) -> dict:
     return main_thread_cost(iter(loader), len(loader), busy_ms / 1000, skip_first=True)
 
 
+def build_loaders(index, size: int, randaugment, args) -> tuple[dict, dict]:
+    """({backend: loader}, {backend: why not}): a backend whose library is missing (DALI) is reported, not fatal."""
+    loaders, missing = {}, {}
+    for b in args.backends:
+        try:
+            loaders[b] = build_loader(index, train=True, img_size=size, batch_size=args.batch_size, backend=b,
+                                      device=args.device, num_workers=args.workers, randaugment=randaugment,
+                                      reprob=args.reprob, seed=0)
+        except BackendUnavailable as e:
+            missing[b] = e.status
+            print(f"  {e.status}: not measured", flush=True)
+    return loaders, missing
+
+
 def bench_setting(index, size: int, randaugment, args) -> dict:
-    loaders = {
-        b: build_loader(index, train=True, img_size=size, batch_size=args.batch_size, backend=b, device=args.device,
-                        num_workers=args.workers, randaugment=randaugment, reprob=args.reprob, seed=0)
-        for b in args.backends
-    }
+    loaders, missing = build_loaders(index, size, randaugment, args)
+    present = tuple(b for b in args.backends if b in loaders)
+    head = {"img_size": size, "randaugment": list(randaugment) if randaugment else None, "reprob": args.reprob,
+            "unavailable": missing}
     main = {}
     try:
-        for b in args.backends:  # warm-up, excluded from the throughput; the main-thread cost of a first epoch
+        for b in present:  # warm-up, excluded from the throughput; the main-thread cost of a first epoch
             main[b] = first_epoch_main_thread(loaders[b], args.consumer_ms)
             print(f"  size {size} ra={randaugment} epoch 0: {b:12s} main thread {main[b]['main_thread_ms_per_batch']} "
                   f"CPU ms/batch, {main[b]['main_thread_wall_ms_per_batch']} wall ms/batch (consumer busy "
                   f"{args.consumer_ms} ms/batch, load {os.getloadavg()[0]:.1f})", flush=True)
+        head.update(first_epoch=main,
+                    main_thread_ms_per_batch={b: main[b]["main_thread_ms_per_batch"] for b in present})
         if args.repeats == 0:  # the first epoch's main-thread figure only
-            return {"img_size": size, "randaugment": list(randaugment) if randaugment else None,
-                    "reprob": args.reprob, "first_epoch": main,
-                    "main_thread_ms_per_batch": {b: main[b]["main_thread_ms_per_batch"] for b in args.backends}}
-        runs = {b: [] for b in BACKENDS}
-        cpu = {b: [] for b in BACKENDS}
+            return head
+        runs = {b: [] for b in present}
+        cpu = {b: [] for b in present}
         for r in range(args.repeats):
-            order = BACKENDS if r % 2 == 0 else BACKENDS[::-1]
-            for b in order:
-                rate, cpu_ms, n = time_epoch(loaders[b], r + 1)
+            for b in (present if r % 2 == 0 else present[::-1]):
+                rate, cpu_ms, n = time_epoch(loaders[b], r + 1, torch.device(args.device))
                 runs[b].append(rate)
                 cpu[b].append(cpu_ms)
                 print(f"  size {size} ra={randaugment} repeat {r}: {b:12s} {rate:8.1f} img/s "
@@ -130,21 +145,33 @@ def bench_setting(index, size: int, randaugment, args) -> dict:
         for ld in loaders.values():
             ld.close()
     med = {b: statistics.median(v) for b, v in runs.items()}
-    paired = [d / t for d, t in zip(runs["dali"], runs["torchvision"])]
+    both = all(b in runs for b in BACKENDS)
+    paired = [d / t for d, t in zip(runs["dali"], runs["torchvision"])] if both else []
     return {
-        "img_size": size, "randaugment": list(randaugment) if randaugment else None, "reprob": args.reprob,
-        "first_epoch": main,
-        "main_thread_ms_per_batch": {b: main[b]["main_thread_ms_per_batch"] for b in BACKENDS},
-        "img_per_s": {b: [round(v, 1) for v in runs[b]] for b in BACKENDS},
-        "median_img_per_s": {b: round(med[b], 1) for b in BACKENDS},
-        "spread_img_per_s": {b: [round(min(runs[b]), 1), round(max(runs[b]), 1)] for b in BACKENDS},
-        "ratio_dali_over_torchvision": round(med["dali"] / med["torchvision"], 3),
-        "median_paired_ratio": round(statistics.median(paired), 3),
-        "cpu_ms_per_img": {b: [round(v, 3) for v in cpu[b]] for b in BACKENDS},
-        "median_cpu_ms_per_img": {b: round(statistics.median(cpu[b]), 3) for b in BACKENDS},
-        "cpu_ratio_torchvision_over_dali": round(statistics.median(cpu["torchvision"]) / statistics.median(cpu["dali"]),
-                                                 3),
+        **head,
+        "img_per_s": {b: [round(v, 1) for v in runs[b]] for b in present},
+        "median_img_per_s": {b: round(med[b], 1) for b in present},
+        "spread_img_per_s": {b: [round(min(runs[b]), 1), round(max(runs[b]), 1)] for b in present},
+        "ratio_dali_over_torchvision": round(med["dali"] / med["torchvision"], 3) if both else None,
+        "median_paired_ratio": round(statistics.median(paired), 3) if both else None,
+        "cpu_ms_per_img": {b: [round(v, 3) for v in cpu[b]] for b in present},
+        "median_cpu_ms_per_img": {b: round(statistics.median(cpu[b]), 3) for b in present},
+        "cpu_ratio_torchvision_over_dali": round(statistics.median(cpu["torchvision"]) /
+                                                 statistics.median(cpu["dali"]), 3) if both else None,
     }
+
+
+def _row(r: dict, ra: str) -> str:
+    """One table row; '-' where a backend was not measured (not installed)."""
+    d, t, c, m = r["median_img_per_s"], r["spread_img_per_s"], r["median_cpu_ms_per_img"], r["main_thread_ms_per_batch"]
+
+    def cell(x, fmt="{:.2f}"):
+        return "-" if x is None else fmt.format(x)
+    rate = {b: f"{d[b]:.0f} ({t[b][0]:.0f}-{t[b][1]:.0f})" if b in d else "not measured" for b in BACKENDS}
+    return (f"| {r['img_size']} | {ra} | {rate['dali']} | {rate['torchvision']} | "
+            f"{cell(r['ratio_dali_over_torchvision'], '{:.2f}x')} | {cell(c.get('dali'))} | "
+            f"{cell(c.get('torchvision'))} | {cell(r['cpu_ratio_torchvision_over_dali'], '{:.2f}x')} | "
+            f"{m.get('dali', '-')} | {m.get('torchvision', '-')} |")
 
 
 def to_markdown(record: dict) -> str:
@@ -165,20 +192,18 @@ def to_markdown(record: dict) -> str:
         "| CPU ms/img DALI | CPU ms/img torchvision | CPU ratio | main thread ms/batch DALI | torchvision |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    notes = []
     for r in record["results"]:
         ra = "off" if r["randaugment"] is None else f"n={r['randaugment'][0]}, m={r['randaugment'][1]}"
+        notes += [why for why in r.get("unavailable", {}).values() if why not in notes]
+        m = r["main_thread_ms_per_batch"]
         if "median_img_per_s" not in r:  # --repeats 0
-            m = r["main_thread_ms_per_batch"]
             lines.append(f"| {r['img_size']} | {ra} | - | - | - | - | - | - | {m.get('dali', '-')} | "
                          f"{m.get('torchvision', '-')} |")
             continue
-        d, t = r["median_img_per_s"], r["spread_img_per_s"]
-        lines.append(
-            f"| {r['img_size']} | {ra} | {d['dali']:.0f} ({t['dali'][0]:.0f}-{t['dali'][1]:.0f}) | "
-            f"{d['torchvision']:.0f} ({t['torchvision'][0]:.0f}-{t['torchvision'][1]:.0f}) | "
-            f"{r['ratio_dali_over_torchvision']:.2f}x | {r['median_cpu_ms_per_img']['dali']:.2f} | "
-            f"{r['median_cpu_ms_per_img']['torchvision']:.2f} | {r['cpu_ratio_torchvision_over_dali']:.2f}x | "
-            f"{r['main_thread_ms_per_batch']['dali']} | {r['main_thread_ms_per_batch']['torchvision']} |")
+        lines.append(_row(r, ra))
+    if notes:
+        lines += [""] + [f"- {why}: not measured" for why in notes]
     lines += ["", "Medians over the timed epochs; the ratio is of the medians (median of paired ratios in the JSON). "
               "CPU ms/img: user+system CPU of the loader's process and its DataLoader workers per image, less "
               "sensitive than img/s to other load on a shared machine; CPU ratio = torchvision / DALI. "
@@ -220,7 +245,7 @@ def main(argv=None) -> int:
         for size in (int(s) for s in args.sizes.split(",")):
             results.append(bench_setting(index, size, ra, args))
             r = results[-1]
-            if "median_img_per_s" in r:
+            if r.get("ratio_dali_over_torchvision") is not None:
                 print(f"size {size} ra={ra}: dali {r['median_img_per_s']['dali']:.0f} img/s, torchvision "
                       f"{r['median_img_per_s']['torchvision']:.0f} img/s -> {r['ratio_dali_over_torchvision']:.2f}x",
                       flush=True)

@@ -30,6 +30,7 @@ import torch
 
 from convnext_fast import checkpoint as ckpt_io
 from convnext_fast import run_guard
+from convnext_fast.backends import set_backends
 from convnext_fast.config import TrainConfig
 from convnext_fast.data import build_loader
 from convnext_fast.data.splits import resolve_train_val
@@ -175,10 +176,7 @@ def _resolution(cfg: TrainConfig) -> tuple[ResolutionSchedule, int]:
 def _setup(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None, sinks: Sequence[Any] = ()) -> _Run:
     """Seeds, data, loaders, engine, LR schedule, run directory; the state of ``last.pt`` when resuming."""
     _seed_everything(cfg.run.seed, dist.rank)
-    if cfg.run.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = not cfg.run.deterministic  # static shapes: autotune convs once
-    torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul left on Ampere+ (no effect on CPU)
+    set_backends(deterministic=cfg.run.deterministic)  # the policy eval and the benchmark run under too
     run_dir = Path(cfg.run.out) if cfg.run.out else default_run_dir(cfg.run.name)
     run_dir = Path(all_gather_object(str(run_dir))[0])  # rank 0's name: the timestamps of ranks may differ
     run_guard.refuse_finished(run_dir, resume)  # early; checked again under the lock

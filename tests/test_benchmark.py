@@ -1,5 +1,6 @@
 """`convnext-fast benchmark --quick` end to end on a tiny image folder: every code path, real measurements."""
 
+import importlib.util
 import json
 import os
 import statistics
@@ -136,6 +137,8 @@ def test_markdown_plot_and_terminal_tables_are_written(quick):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(importlib.util.find_spec("nvidia.dali") is None,
+                    reason="needs NVIDIA DALI, which is not installed here")  # before the fixture's CPU run
 def test_quick_on_cuda_records_gpu_memory_and_mfu(quick, tmp_path):
     """The same --quick run on the GPU: DALI's GPU graph, compile and bf16 on, CUDA memory, MFU where known."""
     _, out, _ = quick

@@ -26,7 +26,7 @@ def root(tmp_path_factory):
 
 @pytest.mark.parametrize("cache", ["off", "device", "host"])
 def test_loader_next_and_train_step_never_sync(root, cache):
-    pytest.importorskip("nvidia.dali")
+    pytest.importorskip("nvidia.dali", reason="needs NVIDIA DALI, which is not installed here")
     from convnext_fast.benchmark.timing import endless
     from convnext_fast.config import RecipeConfig
     from convnext_fast.data import build_loader

@@ -288,6 +288,7 @@ def test_entry_point_rejects_unknown_flag():
 def test_gpu_defaults_compile_once_and_resume(data, tmp_path):
     """On CUDA the defaults are the fast path (DALI on the GPU, torch.compile, bf16, fused AdamW): two epochs with
     recompiles forbidden, then a resumed third epoch."""
+    pytest.importorskip("nvidia.dali", reason="needs NVIDIA DALI, which is not installed here")
     import torch._dynamo
 
     torch._dynamo.reset()

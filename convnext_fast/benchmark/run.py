@@ -24,11 +24,14 @@ from pathlib import Path
 
 import torch
 
+from convnext_fast.backends import set_backends
 from convnext_fast.benchmark.env import FLOPS_CONVENTION, collect_environment, forward_flops, mfu, peak_tflops
 from convnext_fast.benchmark.summary import CACHED_LOADER, LOOP_ENGINE, LOOPS, summarize
-from convnext_fast.benchmark.timing import Meter, PeakMemory, endless, interleave, main_thread_cost
+from convnext_fast.benchmark.timing import (Meter, PeakMemory, endless, interleave, main_thread_cost,
+                                            peak_gpu_memory)
 from convnext_fast.config import RecipeConfig
-from convnext_fast.data import ImageIndex, build_loader, scan_folder
+from convnext_fast.data import BackendUnavailable, ImageIndex, build_loader, scan_folder
+from convnext_fast.data.jpeg_backend import jpeg_backend_info
 from convnext_fast.engine import BASELINE_SPEED, FAST_SPEED, SpeedConfig, build_engine
 from convnext_fast.schedule import ResolutionSchedule
 
@@ -149,8 +152,8 @@ class _Run:
         base = {"kind": "loader", "name": backend, "loader": backend, "img_size": size}
         try:
             loader = self.data_loader(backend, size)
-        except ImportError as e:  # e.g. DALI not installed: report it, measure the rest
-            return {**base, "error": f"{type(e).__name__}: {e}"}
+        except BackendUnavailable as e:  # DALI not installed: say so, measure the rest
+            return {**base, "error": e.status, "unavailable": True}
         try:
             # On CUDA, torch's allocator does not see DALI's memory: no figure rather than a wrong one.
             stream = endless(loader)
@@ -189,9 +192,9 @@ class _Run:
         for name in (n for n in LOOPS if LOOPS[n] in self.cfg.loaders):
             try:
                 loaders[name] = self.data_loader(LOOPS[name], size, reprob=LOOP_REPROB)
-            except ImportError as e:
+            except BackendUnavailable as e:
                 errors.append({"kind": "loop", "name": name, "loader": LOOPS[name], "img_size": size,
-                               "error": f"{type(e).__name__}: {e}"})
+                               "error": e.status, "unavailable": True})
                 continue
             loss = [torch.zeros(())]
 
@@ -222,8 +225,11 @@ class _Run:
             out.append(rec)
         return out + errors
 
-    def measure_size(self, size: int) -> tuple[dict, list[dict]]:
+    def measure_size(self, size: int) -> tuple[dict, list[dict], dict]:
+        """(FLOPs, records, peak GPU memory) of one size."""
         cfg = self.cfg
+        if cfg.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(cfg.device)
         fwd = forward_flops(cfg.model, self.num_classes, size)
         flops = {"img_size": size, "fwd_flops_per_img": fwd, "train_flops_per_img": 3 * fwd}
         records = []
@@ -245,9 +251,10 @@ class _Run:
                 self.log(_one_line(rec))
         del engines
         gc.collect()
+        memory = peak_gpu_memory(cfg.device, size)
         if cfg.device.type == "cuda":
             torch.cuda.empty_cache()
-        return flops, records
+        return flops, records, memory
 
 
 def _one_line(rec: dict) -> str:
@@ -290,15 +297,21 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = _log_default, c
     if len(index) < cfg.batch_size:
         raise ValueError(f"DATA {cfg.data}: {len(index)} images, fewer than --batch-size {cfg.batch_size}")
     peak, peak_source = peak_tflops(cfg.device, cfg.peak_tflops)
-    environment = {**collect_environment(cfg.device), "command": command}
+    # Both arms (baseline and fast) under training's backend policy: the ratio is the one training would see.
+    backends = set_backends()
+    environment = {**collect_environment(cfg.device), "command": command, "backends": backends}
     log(f"benchmark: {cfg.model} on {cfg.device}, batch {cfg.batch_size}, sizes {list(cfg.sizes)}, "
         f"{cfg.repeats} x {cfg.steps} steps after {cfg.warmup} warm-up; data {cfg.data} ({len(index)} images)")
+    if any(b.startswith("dali") for b in cfg.loaders):
+        environment["jpeg_backend"] = jpeg_backend_info(cfg.device)  # which JPEG decoder DALI gets here
+        log(f"JPEG decoding: {environment['jpeg_backend']['expected']}")
     run = _Run(cfg, index, peak, log)
-    flops, records = [], []
+    flops, records, memory = [], [], []
     for size in cfg.sizes:
-        f, r = run.measure_size(size)
+        f, r, m = run.measure_size(size)
         flops.append(f)
         records.extend(r)
+        memory.append(m)
     summary = [summarize(records, s, cfg.dataset_size, cfg.device.type) for s in cfg.sizes]
     return {
         "schema": SCHEMA,
@@ -309,6 +322,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = _log_default, c
         "flops": {"convention": FLOPS_CONVENTION, "per_size": flops},
         "peak_tflops": peak, "peak_tflops_source": peak_source,
         "memory_kind": PeakMemory(cfg.device).kind,
+        "peak_gpu_memory": memory,
         "results": records,
         "summary": summary,
         "projection": _projection(cfg, records, run.num_classes),
@@ -340,11 +354,13 @@ def _notes(cfg: BenchConfig) -> list[str]:
         "Warm-up excluded; compile_s = warm-up time beyond steady-state steps (compile + autotune); inductor's "
         "on-disk cache from an earlier run on the machine shortens it (TORCHINDUCTOR_FX_GRAPH_CACHE=0: cold).",
         "Step-only: Engine.train_step on one device-resident synthetic batch. Loop: the loader feeding the same "
-        "step; the device is synchronized before each next(loader), so data-wait is time the device idled for data. "
+        "step; data-wait runs from asking next(loader) until the batch's own GPU work (copy, erasing) is done on the "
+        "step's stream, which is synchronized after each step: the time the device idled for data. "
         "At each size the step-only and loop measurements run interleaved (A B ... B A) in one group, so a noisy "
         "machine slows them alike; each record keeps the load average at its end.",
         "Both steps train the same recipe (Mixup 0.8, CutMix 1.0, label smoothing 0.1, EMA); baseline = eager, "
-        "fp32, NCHW, foreach AdamW, timm Mixup (host-drawn), per-tensor EMA.",
+        "fp32, NCHW, foreach AdamW, timm Mixup (host-drawn), per-tensor EMA. Both run under training's CUDA backend "
+        "policy (cuDNN autotuning, fp32 matmul precision 'high' = TF32): environment.backends.",
         "Loaders run train augmentation (random-resized-crop, flip, RandAugment 2/9) with the same CPU budget "
         f"({cfg.workers} DALI threads / DataLoader workers); epoch ends are part of the stream. The synthetic "
         "loader replays device-resident batches: its figure is the harness's overhead, not a loader's speed. "

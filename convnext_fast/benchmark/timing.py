@@ -9,7 +9,8 @@ Every measurement has one shape (airbench's and timm's habits):
 Measurements that are compared (baseline vs fast) run their windows interleaved, A B B A A B ..., so that a
 shared, noisy machine slows both alike instead of whichever happened to run during a burst (`interleave`).
 
-`Meter.loop` also splits each window into time blocked in `next(loader)` (data-wait) and the rest.
+`Meter.loop_of` also splits each window into data-wait (in `next(loader)` until the batch is ready on the
+device) and the rest.
 `main_thread_cost` measures what a loader costs the thread that consumes it (the training thread, which also
 launches the GPU step): its own CPU time inside `next(loader)` while it spends a fixed time per batch elsewhere.
 """
@@ -24,7 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Meter", "PeakMemory", "Timing", "endless", "interleave", "main_thread_cost", "sync"]
+__all__ = ["Meter", "PeakMemory", "Timing", "endless", "interleave", "main_thread_cost", "peak_gpu_memory",
+           "sync"]
 
 
 def sync(device: torch.device) -> None:
@@ -69,6 +71,19 @@ class PeakMemory:
         if hwm is None:
             hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
         return hwm / 1024
+
+
+def peak_gpu_memory(device: torch.device, size: int) -> dict:
+    """torch's peak allocated / reserved MiB since the size's start (the caching allocator: DALI's own pool is not
+    in it), and the device's used MiB now (cudaMemGetInfo: every allocator, DALI's pool included). None on CPU."""
+    out = {"img_size": size, "max_memory_allocated_mib": None, "max_memory_reserved_mib": None,
+           "device_used_mib_at_end": None}
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        out.update(max_memory_allocated_mib=round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
+                   max_memory_reserved_mib=round(torch.cuda.max_memory_reserved(device) / 2**20, 1),
+                   device_used_mib_at_end=round((total - free) / 2**20, 1))
+    return out
 
 
 def _reset_rss_peak() -> bool:
@@ -209,23 +224,30 @@ class Meter:
 
     @classmethod
     def loop_of(cls, batches: Iterator, step: Callable[[torch.Tensor, torch.Tensor], object], **kw) -> "Meter":
-        """End-to-end: `next(batches)` then `step(images, labels)`; the time blocked in `next` is data-wait.
+        """End-to-end: `next(batches)` then `step(images, labels)`; data-wait = from asking for a batch until the
+        batch is ready on the device.
 
-        The step's stream is synchronized before each `next()`: the time spent there is then time the device
-        sat idle for want of a batch, not the host waiting behind queued kernels (which a later sync would
-        otherwise charge to the loader). Only the current stream: a DALI pipeline's own GPU work for the next
-        batches keeps running beside it. The loaders prefetch in their own threads/processes, so the sync does
-        not stop loading from overlapping the step; it only gives up the host's launch-ahead (microseconds).
+        The data-wait clock starts before `next()` and stops once the consumer's stream has finished the batch's own
+        GPU work (a synchronize after `next()`: a DALI batch's copy out and erasing, which that stream waits for; a
+        torchvision batch's host-to-device copy), so a loop bound by the loader's GPU work shows it as data-wait.
+        The stream is synchronized after the step too: the step's kernels are never charged to the next batch's
+        wait. Only the current stream: the loader's work for later batches (its own stream, DALI's) keeps running
+        beside the step, so loading still overlaps the step; the syncs give up the host's launch-ahead only
+        (microseconds a step). Compile and warm-up stay out of the windows (`warm`).
         """
         device = kw["device"]
 
-        def one() -> float:
+        def sync_stream() -> None:
             if device.type == "cuda":
                 torch.cuda.current_stream(device).synchronize()
+
+        def one() -> float:
             t0 = time.perf_counter()
             images, labels = next(batches)
+            sync_stream()
             wait = time.perf_counter() - t0
             step(images, labels)
+            sync_stream()
             return wait
         return cls(one, loop=True, **kw)
 

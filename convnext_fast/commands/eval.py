@@ -107,6 +107,7 @@ def evaluate_sizes(weights: str | Path, data: Any, *, img_sizes: list[int] | Non
     import numpy as np
     import torch
 
+    from convnext_fast.backends import set_backends
     from convnext_fast.checkpoint import load_weights
     from convnext_fast.config import AMP_MODES
     from convnext_fast.data import build_loader, resolve_device, scan_folder
@@ -123,6 +124,7 @@ def evaluate_sizes(weights: str | Path, data: Any, *, img_sizes: list[int] | Non
     index = data if isinstance(data, ImageIndex) else scan_folder(_eval_root(Path(data)), allow_empty=allow_empty)
     check_classes(weights, classes, index)
     dev = resolve_device(device)
+    set_backends()  # training's policy: the same numerics as the run's own evaluation
     model = create_model(meta["model_name"], len(classes), device=dev)
     try:
         model.load_state_dict(state)

@@ -34,10 +34,20 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 __all__ = [
-    "BACKENDS", "Batch", "DatasetError", "IMAGENET_MEAN", "IMAGENET_STD", "IMG_EXTENSIONS", "ImageIndex", "Loader",
-    "LoaderConfig", "build_loader", "default_num_workers", "epoch_indices", "find_classes", "resolve_device",
-    "scan_folder", "stratified_split",
+    "BACKENDS", "BackendUnavailable", "Batch", "DatasetError", "IMAGENET_MEAN", "IMAGENET_STD", "IMG_EXTENSIONS",
+    "ImageIndex", "Loader", "LoaderConfig", "build_loader", "default_num_workers", "epoch_indices", "find_classes",
+    "resolve_device", "scan_folder", "stratified_split",
 ]
+
+
+class BackendUnavailable(ValueError):
+    """A loader backend whose library is not installed (DALI). A ValueError: on the command line, one line. Tools
+    that measure several backends catch it to record "<backend>: not installed (<reason>)" and go on."""
+
+    def __init__(self, backend: str, reason: str, hint: str = ""):
+        self.backend, self.reason = backend, reason
+        self.status = f"{backend}: not installed ({reason})"
+        super().__init__(f"--loader {self.status}" + (f"; {hint}" if hint else ""))
 
 
 class Batch(NamedTuple):

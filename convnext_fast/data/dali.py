@@ -5,14 +5,14 @@ in numpy from (seed, epoch, shard, batch) (`dali_params`), then feeds both throu
 batches of an epoch are a pure function of (seed, epoch, shard), resume is `set_epoch(e)`, and a decode failure is
 mapped back to the files of the batch that failed. All of that host work, and driving the pipeline itself, runs on
 one background thread per epoch (`Prefetcher`), a few batches ahead: the consumer (the training thread) only takes
-finished batches from a queue. An error still surfaces at the batch it belongs to. DALI is imported only here,
-lazily, by the registry in `convnext_fast.data`.
+finished batches from a queue; that thread's GPU work runs on a side stream and each batch is handed to the
+consumer's current stream when taken (`streams.StreamHandoff`). An error still surfaces at the batch it belongs
+to. DALI is imported only here, lazily, by the registry in `convnext_fast.data`.
 """
 
 from __future__ import annotations
 
 import io
-import re
 import time
 from collections import deque
 from typing import Iterator
@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from convnext_fast.data import Batch, DatasetError, ImageIndex, LoaderConfig, epoch_indices
+from convnext_fast.data import BackendUnavailable, Batch, ImageIndex, LoaderConfig, epoch_indices
 from convnext_fast.data import cache as C
 from convnext_fast.data.dali_faults import DaliFaults
 from convnext_fast.data.cache import DecodedCache
@@ -29,6 +29,7 @@ from convnext_fast.data.dali_augment import train_augment
 from convnext_fast.data.dali_params import plan_eval_batch, plan_train_batch
 from convnext_fast.data.erase import random_erase
 from convnext_fast.data.prefetch import Prefetcher
+from convnext_fast.data.streams import StreamHandoff
 from convnext_fast.data.transfer import to_device
 
 _RA_INPUTS = ("geom", "pad_h", "pad_w", "warp", "warp_size", "bc", "brightness", "contrast", "color", "saturation",
@@ -110,6 +111,7 @@ class DaliLoader(DaliFaults):
         self._dirty = False  # an epoch was started and its pipeline state not yet reset
         self._plan_error: BaseException | None = None  # a host read of a batch fed ahead failed: raised at its turn
         self._feeder: Prefetcher | None = None  # the thread running the current epoch
+        self._side_stream = None  # the feeder's CUDA stream (data/streams.py), made at the first threaded epoch
         self._init_faults()
 
     def _epoch_positions(self) -> np.ndarray:
@@ -196,7 +198,7 @@ class DaliLoader(DaliFaults):
                 continue
             data = feed[name]
             if isinstance(data, torch.Tensor):
-                if data.is_cuda:  # ordered after the gather on torch's stream
+                if data.is_cuda:  # ordered after the gather, queued on this thread's stream (StreamHandoff)
                     stream = torch.cuda.current_stream(data.device).cuda_stream
                     self._pipe.feed_input(name, data, cuda_stream=stream)
                     continue
@@ -259,13 +261,14 @@ class DaliLoader(DaliFaults):
         pipe.iter_setup = self._feed
         return pipe
 
-    def _to_batch(self, out, epoch: int, b: int, labels: np.ndarray) -> Batch:
+    def _to_batch(self, out, epoch: int, b: int, labels: np.ndarray, stream) -> Batch:
+        """The pipeline's output copied into a torch batch on `stream` (the producer's; erasing and the labels'
+        copy are queued there too, as it is the producing thread's current stream)."""
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         c = self.cfg
         tensor = out.as_tensor()
         images = torch.empty(tuple(tensor.shape()), dtype=_torch_out_dtype(c.dtype), device=c.device)
-        stream = torch.cuda.current_stream(c.device) if c.device.type == "cuda" else None
         feed_ndarray(tensor, images, cuda_stream=stream)
         images = images.permute(0, 3, 1, 2)  # NHWC memory == channels_last [B, 3, S, S]
         if images.dtype != c.dtype:
@@ -273,26 +276,6 @@ class DaliLoader(DaliFaults):
         if c.train and c.reprob > 0:
             images = random_erase(images, c.reprob, np.random.default_rng([c.seed, epoch, c.shard_id, b, 1]))
         return Batch(images, to_device(labels, c.device))
-
-    def _decode_error(self, err: Exception) -> DatasetError:
-        """Name the file DALI could not decode (`.path` on the error; None when it cannot be told). DALI reports
-        "Failed to decode sample #i" of the failed batch; PIL confirms which file of the batches in flight is bad."""
-        from convnext_fast.data.index import decode_check
-
-        msg = str(err)
-        reason = msg.split("encountered:")[-1].split("Current pipeline object")[0].strip() or type(err).__name__
-        reason = " ".join(reason.split())
-        m = re.search(r"sample #(\d+)", msg)
-        batches = [paths for _, paths, _ in self._pending]
-        named = [paths[int(m[1])] for paths in batches if m and int(m[1]) < len(paths)]
-        for path in named + [p for paths in batches for p in paths]:
-            why = decode_check(path)
-            if why is not None:
-                return self._bad.error(path, f"{why} (DALI: {reason})", verb="decode")
-        if named:
-            return self._bad.error(named[0], f"DALI: {reason}", verb="decode")
-        listed = "\n".join(f"  {p}" for p in (batches[0] if batches else ["(unknown)"]))
-        return self._bad.error(None, f"DALI failed on a batch of these images ({reason}):\n{listed}")
 
     def _drain(self) -> None:
         """Finish an epoch the consumer left early (or after its last batch), so the next starts clean."""
@@ -318,29 +301,36 @@ class DaliLoader(DaliFaults):
         # calls schedule_run, and the output copy (+ erasing) stays with outputs(). Measured at batch 256, 32 px,
         # RandAugment, 2 cores, first epoch: 60 ms/batch of host work, 50 in reads + headers + plans, 10 in
         # feed_input / outputs / copy-out (more at 192 px); that 10 would stay on the training thread.
-        self._feeder = feeder = Prefetcher(self._run_epoch(self._epoch, self._positions),
-                                           int(self.cfg.option("feed_ahead", 2)), name="dali-feed",
-                                           setup=self._thread_setup)
+        depth = int(self.cfg.option("feed_ahead", 2))
+        handoff = self._stream_handoff(threaded=depth > 0)
+        self._feeder = feeder = Prefetcher(self._run_epoch(self._epoch, self._positions, handoff), depth,
+                                           name="dali-feed", setup=handoff.feeder_setup)
         try:
-            yield from feeder
+            for batch, ready in feeder:
+                handoff.receive(batch, ready)  # here: on the consumer's thread, in its next()
+                yield batch
         finally:
             if self._feeder is feeder:
                 self._stop_feeder()
 
-    def _thread_setup(self) -> None:
-        if self.cfg.device.type == "cuda":  # torch's current device is per thread
-            torch.cuda.set_device(self.cfg.device)
+    def _stream_handoff(self, threaded: bool) -> StreamHandoff:
+        """The feeder's side stream is the loader's, made once: a stream per epoch would be a new one each time."""
+        if self._side_stream is None and threaded and self.cfg.device.type == "cuda":
+            self._side_stream = torch.cuda.Stream(self.cfg.device)
+        return StreamHandoff(self.cfg.device, threaded=threaded, side=self._side_stream)
 
-    def _run_epoch(self, epoch: int, positions: np.ndarray) -> Iterator[Batch]:
-        """One epoch's batches, in order: feeds the pipeline and collects its outputs (on the feeder thread)."""
+    def _run_epoch(self, epoch: int, positions: np.ndarray, handoff: StreamHandoff) -> Iterator[tuple[Batch, object]]:
+        """One epoch's (batch, ready event), in order: feeds the pipeline and collects its outputs (on the feeder
+        thread, whose current stream is the handoff's)."""
         pipe = self._pipe
-        # Outputs bound to torch's stream: ready in its order (no host wait) and freed in its order, after the
-        # copy out that _to_batch queues there (DALI's default, None, waits on the host for each batch).
-        stream = torch.cuda.current_stream(self.cfg.device) if self.cfg.device.type == "cuda" else None
+        # Outputs bound to the producer's stream: ready in its order (no host wait) and freed in its order, after
+        # the copy out that _to_batch queues there (DALI's default, None, waits on the host for each batch).
+        stream = handoff.stream()
         self._iter_epoch = epoch
         self._plans = self._batch_plans(epoch, positions, self.cfg.size_at(epoch))
         self._plan_error = None
         self._dirty = True
+        restarts = 0  # pipeline rebuilds after a bad file this epoch (bounded: DaliFaults._after_failure)
         try:
             pipe.schedule_run()  # the first call prefetches prefetch_queue_depth batches
             while True:
@@ -351,14 +341,13 @@ class DaliLoader(DaliFaults):
                 except (RuntimeError, IndexError, ValueError) as e:  # DALI reports decode failures this way
                     if self._cache is not None:  # nothing is decoded from a cache: not a file's fault
                         raise
-                    err = self._decode_error(e)
-                    if not self._bad.skip or err.path is None:
-                        raise err from None
-                    pipe = self._restart_after(err)
+                    restarts += 1
+                    pipe = self._after_failure(e, restarts)  # raises unless a bad file is skipped
                     continue
                 b, _, labels = self._pending.popleft()
                 pipe.schedule_run()
-                yield self._to_batch(out, epoch, b, labels)
+                batch = self._to_batch(out, epoch, b, labels, stream)
+                yield batch, handoff.ready()
             if self._plan_error is not None:  # the batch after the last one returned could not be read
                 raise self._plan_error
             pipe.reset()
@@ -398,6 +387,6 @@ def build(index: ImageIndex, cfg: LoaderConfig) -> DaliLoader:
     try:
         import nvidia.dali  # noqa: F401
     except ImportError as e:
-        raise ValueError("--loader dali needs NVIDIA DALI (pip install nvidia-dali-cuda130); "
-                         "or use --loader torchvision") from e
+        raise BackendUnavailable("dali", f"NVIDIA DALI: {type(e).__name__}: {e}",
+                                 "pip install nvidia-dali-cuda130, or use --loader torchvision") from e
     return DaliLoader(index, cfg)
