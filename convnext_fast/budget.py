@@ -114,10 +114,11 @@ def schedule_seconds(cfg: TrainConfig, epochs: int, epoch_seconds: dict[int, flo
     return getattr(epoch_seconds, "overhead_s", 0.0) + sum(_seconds_at(epoch_seconds, s) for s in sizes)
 
 
-def plan_epochs(cfg: TrainConfig, seconds: float, epoch_seconds: dict[int, float]) -> int:
+def plan_epochs(cfg: TrainConfig, seconds: float, epoch_seconds: dict[int, float], *,
+                limit_text: str | None = None) -> int:
     """The largest epoch count N <= ``cfg.run.epochs`` whose whole schedule (the progressive ramp laid over N, an
     evaluation each epoch, the once-only overhead) fits in ``seconds``. ValueError with the estimate when not even
-    one epoch fits."""
+    one epoch fits (naming ``limit_text``, the limit as the user gave it, else ``seconds``)."""
     if not epoch_seconds:
         raise ValueError("plan_epochs: no measured epoch time")
     best = 0
@@ -128,7 +129,7 @@ def plan_epochs(cfg: TrainConfig, seconds: float, epoch_seconds: dict[int, float
         one = schedule_seconds(cfg, 1, epoch_seconds)
         how = epoch_seconds.describe() if isinstance(epoch_seconds, EpochTimes) else \
             ", ".join(f"{s}px {t:.1f}s" for s, t in sorted(epoch_seconds.items()))
-        raise ValueError(f"--time-limit {format_duration(seconds)} is too short: one epoch takes "
+        raise ValueError(f"--time-limit {limit_text or format_duration(seconds)} is too short: one epoch takes "
                          f"~{one:.0f} s here (measured {how})")
     return best
 
@@ -291,3 +292,47 @@ def budget_record(limit: str | float, limit_s: float, epochs: int, max_epochs: i
             "epoch_seconds": {str(s): t for s, t in sorted(epoch_seconds.items())},
             "per_epoch": fitted.resolution_schedule().per_epoch, "measurement": epoch_seconds.record}
 
+
+
+# Plan against this share of the time left after measuring: the run's own noise is then caught by the plan, and
+# the DeadlineSink is left for a measurement that was plainly wrong.
+PLAN_SHARE = 0.95
+
+
+def apply_time_limit(cfg: TrainConfig, *, resume: bool, started_at: float,
+                     log: Callable[[str], None] = print) -> tuple[TrainConfig, dict, list]:
+    """`train --time-limit`: (the config laid over the chosen epochs, config.json's "budget", [DeadlineSink]).
+
+    A fresh run measures (`measure_epoch_seconds`), plans (`plan_epochs` on the time left since ``started_at``,
+    a `time.monotonic` reading) and prints the plan; too short a limit is a ValueError before any file is
+    written. ``resume`` reads the plan back from the run's config.json: the count is never re-measured.
+    """
+    import json
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--time-limit: not supported with several processes yet (measure on one, then pass "
+                         "--epochs to torchrun)")
+    limit_s = parse_duration(cfg.run.time_limit)
+    if resume:
+        path = Path(cfg.run.out) / "config.json"
+        budget = json.loads(path.read_text()).get("budget")
+        if not budget:
+            raise ValueError(f"--time-limit: {path} was started without one; a run's epoch count is fixed when it "
+                             "starts (resume without --time-limit)")
+        log(f"time limit {format_duration(budget['limit_s'])}: keeping the planned {budget['epochs']} epochs")
+        return cfg, budget, [DeadlineSink.from_record(budget, started_at=started_at)]
+    if cfg.run.out:  # before minutes of measuring: a fresh run into a used directory is refused anyway
+        from convnext_fast.run_guard import refuse_finished
+
+        refuse_finished(Path(cfg.run.out), resume=False)
+    log(f"time limit {format_duration(limit_s)}: measuring this run's throughput ...")
+    times = measure_epoch_seconds(cfg)
+    left = limit_s - (time.monotonic() - started_at)
+    epochs = plan_epochs(cfg, left * PLAN_SHARE, times, limit_text=str(cfg.run.time_limit))
+    for line in plan_lines(cfg, epochs, limit_s, times):
+        log(line)
+    budget = budget_record(cfg.run.time_limit, limit_s, epochs, cfg.run.epochs, cfg, times)
+    budget["left_after_measuring_s"] = left
+    fitted = fit_to_epochs(cfg, epochs)
+    return fitted, budget, [DeadlineSink.from_record(budget, started_at=started_at)]
