@@ -130,7 +130,7 @@ def plan_epochs(cfg: TrainConfig, seconds: float, epoch_seconds: dict[int, float
         how = epoch_seconds.describe() if isinstance(epoch_seconds, EpochTimes) else \
             ", ".join(f"{s}px {t:.1f}s" for s, t in sorted(epoch_seconds.items()))
         raise ValueError(f"--time-limit {limit_text or format_duration(seconds)} is too short: one epoch takes "
-                         f"~{one:.0f} s here (measured {how})")
+                         f"~{one:.{1 if one < 10 else 0}f} s here (measured {how})")
     return best
 
 
@@ -278,7 +278,7 @@ class DeadlineSink:
         if now + predicted <= self.limit_s:
             return False
         self.stop_reason = (f"time limit {format_duration(self.limit_s)}: epoch {done + 1} would end at "
-                            f"~{format_duration(now + predicted)}")
+                            f"~{format_duration(now + predicted)} (--resume with --time-limit off goes past it)")
         return True
 
 
@@ -305,31 +305,41 @@ def apply_time_limit(cfg: TrainConfig, *, resume: bool, started_at: float,
 
     A fresh run measures (`measure_epoch_seconds`), plans (`plan_epochs` on the time left since ``started_at``,
     a `time.monotonic` reading) and prints the plan; too short a limit is a ValueError before any file is
-    written. ``resume`` reads the plan back from the run's config.json: the count is never re-measured.
+    written. ``resume`` reads the plan back from the run's config.json: the count is never re-measured; the
+    deadline counts the earlier sessions' epochs, and with ``time_limit`` None (``--time-limit off``) there is
+    none (the record is kept). A resumed run that never had a limit returns (cfg, None, []).
     """
     import json
     import os
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("--time-limit: not supported with several processes yet (measure on one, then pass "
-                         "--epochs to torchrun)")
-    limit_s = parse_duration(cfg.run.time_limit)
     if resume:
         path = Path(cfg.run.out) / "config.json"
-        budget = json.loads(path.read_text()).get("budget")
+        budget = json.loads(path.read_text()).get("budget") if path.is_file() else None
+        if cfg.run.time_limit is None:  # never had one, or `--time-limit off`: no deadline this session
+            if budget:
+                log(f"time limit off: continuing the planned {budget['epochs']} epochs without a deadline")
+            return cfg, budget, []
         if not budget:
             raise ValueError(f"--time-limit: {path} was started without one; a run's epoch count is fixed when it "
                              "starts (resume without --time-limit)")
         log(f"time limit {format_duration(budget['limit_s'])}: keeping the planned {budget['epochs']} epochs")
         return cfg, budget, [DeadlineSink.from_record(budget, started_at=started_at)]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--time-limit: not supported with several processes yet (measure on one, then pass "
+                         "--epochs to torchrun)")
+    limit_s = parse_duration(cfg.run.time_limit)
     if cfg.run.out:  # before minutes of measuring: a fresh run into a used directory is refused anyway
         from convnext_fast.run_guard import refuse_finished
 
         refuse_finished(Path(cfg.run.out), resume=False)
     log(f"time limit {format_duration(limit_s)}: measuring this run's throughput ...")
     times = measure_epoch_seconds(cfg)
-    left = limit_s - (time.monotonic() - started_at)
-    epochs = plan_epochs(cfg, left * PLAN_SHARE, times, limit_text=str(cfg.run.time_limit))
+    spent = time.monotonic() - started_at
+    left = limit_s - spent
+    try:
+        epochs = plan_epochs(cfg, left * PLAN_SHARE, times, limit_text=str(cfg.run.time_limit))
+    except ValueError as e:
+        raise ValueError(f"{e}; {spent:.1f} s went to starting up and measuring") from None
     for line in plan_lines(cfg, epochs, limit_s, times):
         log(line)
     budget = budget_record(cfg.run.time_limit, limit_s, epochs, cfg.run.epochs, cfg, times)

@@ -99,7 +99,7 @@ FLAGS: dict[str, tuple[str, str, Any, str | None]] = {
     "--log-every": ("run", "log_every", _INT, "STEPS"),
     "--deterministic": ("run", "deterministic", "bool", None),
     "--allow-data-change": ("run", "allow_data_change", "bool", None),
-    "--time-limit": ("run", "time_limit", _text, "DURATION"),
+    "--time-limit": ("run", "time_limit", _optional(_text), "DURATION|off"),
 }
 
 
@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     started_at = time.monotonic()  # a --time-limit counts from here: measuring and setting up are in it
     cfg, resume = resolve_config(args)
     budget, sinks = None, []
-    if cfg.run.time_limit is not None:
+    if cfg.run.time_limit is not None or resume:  # a resumed run keeps its plan's record even with the limit off
         from convnext_fast.budget import apply_time_limit
 
         cfg, budget, sinks = apply_time_limit(cfg, resume=resume, started_at=started_at)
