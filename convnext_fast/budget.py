@@ -15,6 +15,7 @@ cosine decays to the run's last step (WarmupCosine's total_steps), and the EMA w
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import re
@@ -161,7 +162,6 @@ def measure_epoch_seconds(cfg: TrainConfig, *, device=None, steps: int = 3, warm
     """
     import torch
 
-    from convnext_fast.benchmark.timing import Meter, endless, interleave
     from convnext_fast.data import build_loader
     from convnext_fast.data.splits import resolve_train_val
     from convnext_fast.engine import build_engine
@@ -172,6 +172,8 @@ def measure_epoch_seconds(cfg: TrainConfig, *, device=None, steps: int = 3, warm
     d, schedule = cfg.data, cfg.resolution_schedule()
     eval_size = d.eval_img_size or d.img_size
     train_index, val_index = resolve_train_val(d, seed=cfg.run.seed, keep_bad_train=d.skip_bad)
+    if len(train_index) < d.batch_size:  # as the run itself would refuse, before building anything
+        raise ValueError(f"--batch-size {d.batch_size} is larger than the {len(train_index)} training images")
     common = dict(backend=d.loader, device=dev, seed=cfg.run.seed, num_workers=d.num_workers, crop_pct=d.crop_pct,
                   skip_bad=d.skip_bad)
     engine = build_engine(cfg.model.name, len(train_index.classes), device=dev, speed=cfg.speed, recipe=cfg.recipe,
@@ -179,34 +181,25 @@ def measure_epoch_seconds(cfg: TrainConfig, *, device=None, steps: int = 3, warm
                           seed=cfg.run.seed, num_sizes=len(schedule.sizes))
     warmup = warmup if warmup is not None else (2 if engine.speed.compile else 1)
     per_size, record_sizes, overhead = {}, [], time.perf_counter() - t0
-    loaders = []
     try:
         for size in schedule.sizes:
-            loader = build_loader(train_index, train=True, img_size=size, batch_size=d.batch_size, scale=d.scale,
-                                  hflip=d.hflip, randaugment=d.randaugment, reprob=d.reprob, **common)
-            loaders.append(loader)
-            if len(loader) == 0:
-                raise ValueError(f"--batch-size {d.batch_size} is larger than the {len(train_index)} training images")
-            meter = Meter.loop_of(endless(loader), lambda x, y: engine.train_step(x, y), batch_size=d.batch_size,
-                                  device=dev, steps=steps, warmup=warmup, track_memory=False)
-            (timing,) = interleave([meter], repeats)
-            train_s = len(loader) * timing.step_time_ms / 1000
-            compile_s = timing.warmup_overhead_s if engine.speed.compile else 0.0
-            overhead += compile_s
-            per_size[size] = train_s
-            record_sizes.append({"img_size": size, "steps_per_epoch": len(loader), "step_time_ms": timing.step_time_ms,
-                                 "train_s": train_s, "compile_s": compile_s})
+            with _closing(build_loader(train_index, train=True, img_size=size, batch_size=d.batch_size, scale=d.scale,
+                                       hflip=d.hflip, randaugment=d.randaugment, reprob=d.reprob, **common)) as loader:
+                rec = _measure_train(engine, loader, dev, d.batch_size, steps, warmup, repeats)
+            overhead += rec["compile_s"]
+            per_size[size] = rec["train_s"]
+            record_sizes.append({"img_size": size, **rec})
             if log:
-                log(f"time limit: measured {size}px: {timing.step_time_ms:.1f} ms/step x {len(loader)} steps")
-            loader.close()
-        val = build_loader(val_index, train=False, img_size=eval_size,
-                           batch_size=d.eval_batch_size or 2 * d.batch_size, **common)
-        loaders.append(val)
-        eval_s = _measure_eval(cfg, engine, val, dev, min(eval_batches, len(val)), Meter, endless, interleave)
+                log(f"time limit: measured {size}px: {rec['step_time_ms']:.1f} ms/step x {len(loader)} steps")
+        val_batch = d.eval_batch_size or 2 * d.batch_size
+        with _closing(build_loader(val_index, train=False, img_size=eval_size, batch_size=val_batch,
+                                   **common)) as val:
+            eval_s = _measure_eval(engine, val, dev, val_batch, min(eval_batches, len(val)), cfg.recipe.tta)
     finally:
-        for loader in loaders:
-            loader.close()
+        compiled = engine.speed.compile
         del engine
+        if compiled:  # dynamo's graphs of this engine would count against the run's recompile limit
+            torch._dynamo.reset()
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -216,9 +209,31 @@ def measure_epoch_seconds(cfg: TrainConfig, *, device=None, steps: int = 3, warm
     return EpochTimes({s: t + eval_s for s, t in per_size.items()}, overhead, record)
 
 
-def _measure_eval(cfg: TrainConfig, engine, val, dev, batches: int, Meter, endless, interleave) -> float:
+@contextlib.contextmanager
+def _closing(loader):
+    try:
+        yield loader
+    finally:
+        loader.close()
+
+
+def _measure_train(engine, loader, dev, batch_size: int, steps: int, warmup: int, repeats: int) -> dict:
+    """One size: the loader feeding the engine's train step (the benchmark's end-to-end loop meter)."""
+    from convnext_fast.benchmark.timing import Meter, endless, interleave
+
+    meter = Meter.loop_of(endless(loader), lambda x, y: engine.train_step(x, y), batch_size=batch_size, device=dev,
+                          steps=steps, warmup=warmup, track_memory=False)
+    (timing,) = interleave([meter], repeats)
+    return {"steps_per_epoch": len(loader), "step_time_ms": timing.step_time_ms,
+            "train_s": len(loader) * timing.step_time_ms / 1000,
+            "compile_s": timing.warmup_overhead_s if engine.speed.compile else 0.0}
+
+
+def _measure_eval(engine, val, dev, batch_size: int, batches: int, tta: bool) -> float:
     """Seconds of one evaluation pass: ``len(val)`` x a batch through the weights (+ EMA), with TTA if on."""
     import torch
+
+    from convnext_fast.benchmark.timing import Meter, endless, interleave
 
     if batches < 1:
         return 0.0
@@ -227,9 +242,9 @@ def _measure_eval(cfg: TrainConfig, engine, val, dev, batches: int, Meter, endle
     def step(images, labels):
         with torch.no_grad():
             for use_ema in models:
-                engine.eval_logits(images, tta=cfg.recipe.tta, use_ema=use_ema)
-    meter = Meter.loop_of(endless(val), step, batch_size=cfg.data.eval_batch_size or 2 * cfg.data.batch_size,
-                          device=dev, steps=batches, warmup=1, track_memory=False)
+                engine.eval_logits(images, tta=tta, use_ema=use_ema)
+    meter = Meter.loop_of(endless(val), step, batch_size=batch_size, device=dev, steps=batches, warmup=1,
+                          track_memory=False)
     (timing,) = interleave([meter], 1)
     return len(val) * timing.step_time_ms / 1000
 
