@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -254,8 +255,9 @@ def _measure_eval(engine, val, dev, batch_size: int, batches: int, tta: bool) ->
 # ---------------------------------------------------------------------------------------------------------------
 
 class DeadlineSink:
-    """An epoch sink (`convnext_fast.sinks`) that stops the run at an epoch boundary when the next epoch would end
-    past ``limit_s`` of training wall time (this session since ``started_at`` + earlier sessions' epochs).
+    """An epoch sink (`convnext_fast.sinks`) that stops the run at an epoch boundary when the next epoch (and the
+    ``finish_s`` kept for writing the results) would end past ``limit_s`` of wall time (this session since
+    ``started_at`` + earlier sessions' epochs).
 
     The next epoch is predicted from the epoch just finished (its ``epoch_time_s``, scaled by the measured ratio
     of the two sizes' times), so a measurement that was wrong is caught by what the run actually does.
@@ -264,8 +266,9 @@ class DeadlineSink:
     name = "time limit"
 
     def __init__(self, limit_s: float, epoch_seconds: dict[int, float], per_epoch: list[int], *,
-                 started_at: float | None = None, clock: Callable[[], float] = time.monotonic):
+                 started_at: float | None = None, clock: Callable[[], float] = time.monotonic, finish_s: float = 0.0):
         self.limit_s, self.epoch_seconds, self.per_epoch = float(limit_s), dict(epoch_seconds), list(per_epoch)
+        self.finish_s = float(finish_s)  # kept free after the last epoch (FINISH_S)
         self.clock = clock
         self.started_at = clock() if started_at is None else started_at
         self.used_s = 0.0
@@ -275,7 +278,8 @@ class DeadlineSink:
     def from_record(cls, budget: dict, **kw) -> "DeadlineSink":
         """From config.json's "budget" record (what `--resume` reads back)."""
         seconds = {int(s): float(t) for s, t in budget["epoch_seconds"].items()}
-        return cls(budget["limit_s"], seconds, budget["per_epoch"], **kw)
+        return cls(budget["limit_s"], seconds, budget["per_epoch"], finish_s=budget.get("kept_for_finish_s", 0.0),
+                   **kw)
 
     def start(self, run_dir: Path, config: dict, resumed: bool) -> None:
         if resumed:  # earlier sessions' training time counts against the same limit
@@ -290,7 +294,7 @@ class DeadlineSink:
         now, this, nxt = self.used_s + self.clock() - self.started_at, self.per_epoch[done - 1], self.per_epoch[done]
         ratio = _seconds_at(self.epoch_seconds, nxt) / _seconds_at(self.epoch_seconds, this)
         predicted = float(row.get("epoch_time_s") or _seconds_at(self.epoch_seconds, this)) * ratio
-        if now + predicted <= self.limit_s:
+        if now + predicted + self.finish_s <= self.limit_s:
             return False
         self.stop_reason = (f"time limit {format_duration(self.limit_s)}: epoch {done + 1} would end at "
                             f"~{format_duration(now + predicted)} (--resume with --time-limit off goes past it)")
@@ -312,8 +316,9 @@ def budget_record(limit: str | float, limit_s: float, epochs: int, max_epochs: i
 # Plan against this share of the time left after measuring: the run's own noise is then caught by the plan, and
 # the DeadlineSink is left for a measurement that was plainly wrong.
 PLAN_SHARE = 0.95
-
-
+# Kept free after the last epoch for what the run writes then (plots, summary.json, the epoch table) and the
+# process's exit: ~10 s measured on a loaded 2-core CPU; negligible against the hours a real budget has.
+FINISH_S = 15.0
 def apply_time_limit(cfg: TrainConfig, *, resume: bool, started_at: float,
                      log: Callable[[str], None] = print) -> tuple[TrainConfig, dict, list]:
     """`train --time-limit`: (the config laid over the chosen epochs, config.json's "budget", [DeadlineSink]).
@@ -325,7 +330,6 @@ def apply_time_limit(cfg: TrainConfig, *, resume: bool, started_at: float,
     none (the record is kept). A resumed run that never had a limit returns (cfg, None, []).
     """
     import json
-    import os
 
     if resume:
         path = Path(cfg.run.out) / "config.json"
@@ -352,12 +356,13 @@ def apply_time_limit(cfg: TrainConfig, *, resume: bool, started_at: float,
     spent = time.monotonic() - started_at
     left = limit_s - spent
     try:
-        epochs = plan_epochs(cfg, left * PLAN_SHARE, times, limit_text=str(cfg.run.time_limit))
+        epochs = plan_epochs(cfg, (left - FINISH_S) * PLAN_SHARE, times, limit_text=str(cfg.run.time_limit))
     except ValueError as e:
-        raise ValueError(f"{e}; {spent:.1f} s went to starting up and measuring") from None
+        raise ValueError(f"{e}; {spent:.1f} s went to starting up and measuring, {FINISH_S:.0f} s are kept for "
+                         "writing the results") from None
     for line in plan_lines(cfg, epochs, limit_s, times):
         log(line)
     budget = budget_record(cfg.run.time_limit, limit_s, epochs, cfg.run.epochs, cfg, times)
-    budget["left_after_measuring_s"] = left
+    budget.update(left_after_measuring_s=left, kept_for_finish_s=FINISH_S, plan_share=PLAN_SHARE)
     fitted = fit_to_epochs(cfg, epochs)
     return fitted, budget, [DeadlineSink.from_record(budget, started_at=started_at)]

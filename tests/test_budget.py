@@ -90,9 +90,10 @@ def test_fit_to_epochs_scales_warmup_and_an_explicit_ramp():
 
 def test_deadline_sink_stops_when_the_next_epoch_would_overrun():
     now = [0.0]
-    sink = DeadlineSink(100.0, {32: 10.0, 64: 40.0}, [32, 32, 64, 64], started_at=0.0, clock=lambda: now[0])
+    sink = DeadlineSink(100.0, {32: 10.0, 64: 40.0}, [32, 32, 64, 64], started_at=0.0, clock=lambda: now[0],
+                        finish_s=5.0)
     now[0] = 12.0
-    assert sink.epoch({"epoch": 1, "epoch_time_s": 11.0}) is False  # 12 + 11 <= 100
+    assert sink.epoch({"epoch": 1, "epoch_time_s": 11.0}) is False  # 12 + 11 + 5 (kept for the end) <= 100
     now[0] = 50.0  # epoch 2 took far longer than measured: epoch 3 (64 px, 4x) predicted at 4 x 38 s
     assert sink.epoch({"epoch": 2, "epoch_time_s": 38.0}) is True
     assert sink.stop_reason.startswith("time limit 1m40s: epoch 3 would end at")
@@ -184,6 +185,7 @@ def test_the_deadline_stops_a_run_whose_measurement_was_wrong(data, tmp_path, mo
     # A measurement far too optimistic: 1 ms per epoch lets a 2 s limit plan all 8 epochs; the real epochs (plus
     # the set-up before them) overrun it, and the sink stops the run at an epoch boundary.
     monkeypatch.setattr(budget, "measure_epoch_seconds", lambda cfg, **kw: EpochTimes({32: 0.001}))
+    monkeypatch.setattr(budget, "FINISH_S", 0.0)  # no time kept for the end: a 2 s limit can plan
     original = DeadlineSink.epoch
 
     def slow(self, row):  # every epoch takes >= 0.6 s of the limit however fast this machine: at most 4 fit

@@ -176,15 +176,16 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
 
 
 def run(args: argparse.Namespace) -> int:
+    started_at = time.monotonic()  # a --time-limit counts from here, before torch is imported
     from convnext_fast.errors import Interrupted, TrainingError
     from convnext_fast.loop import train
 
-    started_at = time.monotonic()  # a --time-limit counts from here: measuring and setting up are in it
     cfg, resume = resolve_config(args)
     budget, sinks = None, []
     if cfg.run.time_limit is not None or resume:  # a resumed run keeps its plan's record even with the limit off
         from convnext_fast.budget import apply_time_limit
 
+        # The limit counts from the command's start: importing, measuring and setting up are in it.
         cfg, budget, sinks = apply_time_limit(cfg, resume=resume, started_at=started_at)
     try:
         summary = train(cfg, resume=resume, sinks=sinks, budget=budget)
