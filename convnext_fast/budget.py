@@ -125,8 +125,11 @@ def plan_epochs(cfg: TrainConfig, seconds: float, epoch_seconds: dict[int, float
         raise ValueError("plan_epochs: no measured epoch time")
     best = 0
     for n in range(1, cfg.run.epochs + 1):
-        if schedule_seconds(cfg, n, epoch_seconds) <= seconds:
-            best = n
+        try:
+            fits = schedule_seconds(cfg, n, epoch_seconds) <= seconds
+        except ValueError:  # e.g. a ramp over n epochs that meets more than 8 sizes: not a count to choose
+            continue
+        best = n if fits else best
     if best == 0:
         one = schedule_seconds(cfg, 1, epoch_seconds)
         how = epoch_seconds.describe() if isinstance(epoch_seconds, EpochTimes) else \

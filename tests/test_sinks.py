@@ -1,6 +1,7 @@
 """The epoch row's sinks (`convnext_fast.sinks`): the library call `train(cfg, report=..., sinks=...)` hands every
-sink the very rows metrics.jsonl holds, a report callback can stop the run at an epoch boundary (a resumable
-checkpoint), and a failing sink is one warning while the run and its files go on."""
+sink the very rows metrics.jsonl holds, a report callback can stop the run at an epoch boundary (train returns its
+summary with stopped_by; the checkpoint is kept and resumes), a signal still raises Interrupted, and a failing
+sink is one warning while the run and its files go on."""
 from __future__ import annotations
 
 import json
