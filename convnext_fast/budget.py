@@ -20,6 +20,7 @@ import gc
 import math
 import os
 import re
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -262,8 +263,8 @@ class DeadlineSink:
     ``finish_s`` kept for writing the results) would end past ``limit_s`` of wall time (this session since
     ``started_at`` + earlier sessions' epochs).
 
-    The next epoch is predicted from the epoch just finished (its ``epoch_time_s``, scaled by the measured ratio
-    of the two sizes' times), so a measurement that was wrong is caught by what the run actually does.
+    The next epoch is predicted from the epochs this session ran (`predict`), so a measurement that was wrong is
+    caught by what the run actually does.
     """
 
     name = "time limit"
@@ -275,6 +276,7 @@ class DeadlineSink:
         self.clock = clock
         self.started_at = clock() if started_at is None else started_at
         self.used_s = 0.0
+        self.seen: dict[int, list[float]] = {}  # this session's epoch times per size
         self.stop_reason = ""
 
     @classmethod
@@ -292,16 +294,30 @@ class DeadlineSink:
 
     def epoch(self, row: dict) -> bool:
         done = int(row["epoch"])
+        this = self.per_epoch[done - 1] if done <= len(self.per_epoch) else None
+        if this is not None and row.get("epoch_time_s"):
+            self.seen.setdefault(this, []).append(float(row["epoch_time_s"]))
         if done >= len(self.per_epoch):
             return False
-        now, this, nxt = self.used_s + self.clock() - self.started_at, self.per_epoch[done - 1], self.per_epoch[done]
-        ratio = _seconds_at(self.epoch_seconds, nxt) / _seconds_at(self.epoch_seconds, this)
-        predicted = float(row.get("epoch_time_s") or _seconds_at(self.epoch_seconds, this)) * ratio
+        now, predicted = self.used_s + self.clock() - self.started_at, self.predict(self.per_epoch[done])
         if now + predicted + self.finish_s <= self.limit_s:
             return False
         self.stop_reason = (f"time limit {format_duration(self.limit_s)}: epoch {done + 1} would end at "
                             f"~{format_duration(now + predicted)} (--resume with --time-limit off goes past it)")
         return True
+
+    def predict(self, size: int) -> float:
+        """The next epoch's seconds at ``size``, from this session's epochs: the median at that size, leaving out
+        the first one there (it pays the size's compile) when there are others; else the nearest observed size
+        scaled by the measured ratio; else the measurement itself."""
+        steady = {s: statistics.median(ts[1:]) for s, ts in self.seen.items() if len(ts) > 1}
+        observed = steady or {s: ts[-1] for s, ts in self.seen.items()}
+        if not observed:
+            return _seconds_at(self.epoch_seconds, size)
+        if size in observed:
+            return observed[size]
+        ref = min(observed, key=lambda s: abs(s - size))
+        return observed[ref] * _seconds_at(self.epoch_seconds, size) / _seconds_at(self.epoch_seconds, ref)
 
 
 def budget_record(limit: str | float, limit_s: float, epochs: int, max_epochs: int, cfg: TrainConfig,

@@ -100,6 +100,19 @@ def test_deadline_sink_stops_when_the_next_epoch_would_overrun():
     assert sink.epoch({"epoch": 4, "epoch_time_s": 1.0}) is False  # the last epoch: nothing left to stop
 
 
+def test_deadline_sink_does_not_count_a_sizes_compile_as_its_epoch_time():
+    sink = DeadlineSink(1000.0, {32: 10.0, 64: 40.0}, [32] * 3 + [64] * 3, started_at=0.0, clock=lambda: 0.0)
+    sink.epoch({"epoch": 1, "epoch_time_s": 50.0})  # the first epoch compiles
+    assert sink.predict(32) == 50.0  # nothing steadier seen yet
+    sink.epoch({"epoch": 2, "epoch_time_s": 10.0})
+    sink.epoch({"epoch": 3, "epoch_time_s": 12.0})
+    assert sink.predict(32) == 11.0 and sink.predict(64) == pytest.approx(44.0)  # 11 s x the measured 4x
+    sink.epoch({"epoch": 4, "epoch_time_s": 90.0})  # the first 64 px epoch compiles again
+    assert sink.predict(64) == pytest.approx(44.0)
+    sink.epoch({"epoch": 5, "epoch_time_s": 41.0})
+    assert sink.predict(64) == 41.0
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Through the CLI
 # ------------------------------------------------------------------------------------------------------------
@@ -144,6 +157,8 @@ def test_time_limit_fixes_and_records_the_epoch_count(data, tmp_path, capsys):
 
 def test_too_short_a_limit_is_refused_before_the_run_directory_exists(data, tmp_path, capsys):
     out = tmp_path / "run"
+    assert main(_args(data, out, "--time-limit", "soon")) == 2
+    assert "run.time_limit: expected a duration such as 8h" in capsys.readouterr().err and not out.exists()
     assert main(_args(data, out, "--time-limit", "0.2s")) == 2
     err = capsys.readouterr().err.strip()
     assert "--time-limit 0.2s is too short: one epoch takes ~" in err and "measured per epoch 32px" in err
