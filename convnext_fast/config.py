@@ -147,6 +147,13 @@ class RunConfig:
     deterministic: bool = _f(False, "torch.use_deterministic_algorithms (slower; bitwise-repeatable on one device)")
     allow_data_change: bool = _f(False, "--resume continues even if the image files changed since the checkpoint "
                                         "(no longer an exact resume); without it such a resume is refused")
+    # Trackers (convnext_fast.trackers): where the run's rows are sent besides RUN_DIR; a failing one is a warning.
+    tensorboard: bool = _f(False, "write TensorBoard event files to RUN_DIR/tb (needs the tensorboard extra)")
+    mlflow: str | None = _f(None, "log the run to this MLflow tracking URI; 'auto' = the MLflow client's default "
+                                  "(MLFLOW_TRACKING_URI, else ./mlruns); None = off (needs the mlflow extra)")
+    mlflow_model: bool = _f(False, "with mlflow: also upload model.safetensors as an artifact at the end")
+    wandb: str | None = _f(None, "log the run to this Weights & Biases project; 'auto' = WANDB_PROJECT, else "
+                                 "convnext-fast; None = off; WANDB_MODE=offline keeps it local (needs the wandb extra)")
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig,
@@ -319,6 +326,8 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
     _check(run.epochs >= 1, source, "run.epochs", run.epochs, ">= 1")
     _check(run.patience is None or run.patience >= 1, source, "run.patience", run.patience, ">= 1")
     _check(run.log_every >= 1, source, "run.log_every", run.log_every, ">= 1")
+    for key in ("mlflow", "wandb"):
+        _check(getattr(run, key) != "", source, f"run.{key}", getattr(run, key), "a URI/project, 'auto' or off")
     _check(run.device is None or run.device.split(":")[0] in ("cpu", "cuda"), source, "run.device", run.device,
            "cpu, cuda or cuda:N")
     try:

@@ -42,8 +42,10 @@ from convnext_fast.model import check_model_name
 from convnext_fast.optim import WarmupCosine
 from convnext_fast.progress import TrainProgress, describe_run
 from convnext_fast.run_files import RunReporter, atomic_write_text, epoch_table, to_jsonable
+from convnext_fast.runs.status import StatusSink
 from convnext_fast.schedule import ResolutionSchedule, check_model_sizes, check_resume
 from convnext_fast.sinks import Callback, Sinks
+from convnext_fast.trackers import build_trackers
 
 
 @dataclass
@@ -138,7 +140,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, tty: bool | None = None,
     stop = _StopRequest()
     stop.install()
     run = None
-    extra = [*sinks, *([Callback(report)] if report is not None else [])]
+    # status.json first (trackers upload it at the end), then the trackers the config asks for, then the caller's
+    extra = [StatusSink(), *build_trackers(cfg.run), *sinks, *([Callback(report)] if report is not None else [])]
     try:
         run = _setup(cfg, dist, resume, tty, extra)
         try:

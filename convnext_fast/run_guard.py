@@ -9,7 +9,8 @@
   ``best.pt``/``model.safetensors``; the resume finishes those writes (and removes temp files the kill left).
 
 The order of an epoch's writes (loop.py): metrics.jsonl row -> ``last.pt`` (atomic: temp + fsync + rename + dir
-fsync) -> if improved, ``best.pt`` (a hard link of ``last.pt``) -> ``model.safetensors`` (atomic). ``last.pt`` is
+fsync) -> if improved, ``best.pt`` (a hard link of ``last.pt``) -> ``model.safetensors`` (atomic) -> ``per_class.json``
+(the best epoch's per-class recall, for `runs compare`). ``last.pt`` is
 the commit point: a resume rewrites metrics.jsonl from its rows and redoes the best/export step if it was cut.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from convnext_fast.data.badfiles import read_log
 from convnext_fast.distributed import DistInfo, all_gather_object, print0
 from convnext_fast.errors import TrainingError
 from convnext_fast.runlock import RunLock
+from convnext_fast.runs.per_class import write_per_class
 
 
 def refuse_finished(run_dir: Path, resume: bool) -> None:
@@ -174,3 +176,6 @@ def save_epoch(run_dir: Path, engine, state, meta: dict, dist: DistInfo, reporte
             weights = engine.ema.module if engine.ema is not None else engine.model
             ckpt_io.export_safetensors(weights.state_dict(), run_dir / "model.safetensors",
                                        {k: meta[k] for k in ckpt_io.META_KEYS})
+            write_per_class(run_dir, epoch=state.epoch, weights="ema" if engine.ema is not None else "model",
+                            classes=meta["classes"], per_class_acc=state.best_eval["per_class_acc"],
+                            confusion=state.best_eval.get("confusion"))
