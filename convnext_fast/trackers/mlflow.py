@@ -41,7 +41,7 @@ class MLflowTracker:
             raise missing("mlflow") from None
         _check_reachable(self.uri or os.environ.get("MLFLOW_TRACKING_URI"))
         self.run_dir, self.client = Path(run_dir), MlflowClient(tracking_uri=self.uri)
-        uri = self.client._tracking_client.tracking_uri
+        uri = self.client.tracking_uri
         stored = load_ids(run_dir).get("mlflow", {})
         params: dict = {}
         if resumed and stored.get("run_id") and stored.get("tracking_uri") == uri:

@@ -27,11 +27,10 @@ class WandbTracker:
             raise missing("wandb") from None
         stored = load_ids(run_dir).get("wandb", {}) if resumed else {}
         project = self.project or os.environ.get("WANDB_PROJECT") or "convnext-fast"
-        run_id = stored.get("id") if stored.get("project") == project else None
-        run_id = run_id or wandb.util.generate_id()
-        save_ids(run_dir, "wandb", {"id": run_id, "project": project})  # before init: a resume finds it either way
+        run_id = stored.get("id") if stored.get("project") == project else None  # None: W&B makes a new one
         self.run = wandb.init(project=project, id=run_id, name=Path(run_dir).name, dir=str(run_dir),
                               resume="allow", settings=wandb.Settings(console="off"))
+        save_ids(run_dir, "wandb", {"id": self.run.id, "project": project})
         self.run.config.update(config, allow_val_change=True)  # allowed: a resume may override flags
 
     def epoch(self, row: dict) -> None:
