@@ -27,7 +27,7 @@ from convnext_fast.data.badfiles import read_log
 from convnext_fast.distributed import DistInfo, all_gather_object, print0
 from convnext_fast.errors import TrainingError
 from convnext_fast.runlock import RunLock
-from convnext_fast.runs.per_class import write_per_class
+from convnext_fast.runs.per_class import read_per_class, write_per_class
 
 
 def refuse_finished(run_dir: Path, resume: bool) -> None:
@@ -138,6 +138,9 @@ def repair_after_kill(run_dir: Path, state, weights, meta: dict) -> None:
         tmp.unlink(missing_ok=True)
     if state.best_epoch != state.epoch or state.best_epoch == 0 or state.batch_in_epoch:
         return  # last.pt is not an improved epoch's end: its save had nothing more to write
+    if state.best_eval and (read_per_class(run_dir) or {}).get("epoch") != state.epoch:  # the save's last write
+        with saving(run_dir):
+            _write_per_class(run_dir, state, meta, "ema" if meta["config"]["recipe"]["model_ema"] else "model")
     last, best = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
     export = run_dir / "model.safetensors"
     try:  # best.pt is a hard link of that last.pt (a copy where links are unsupported), written before the export
@@ -176,6 +179,9 @@ def save_epoch(run_dir: Path, engine, state, meta: dict, dist: DistInfo, reporte
             weights = engine.ema.module if engine.ema is not None else engine.model
             ckpt_io.export_safetensors(weights.state_dict(), run_dir / "model.safetensors",
                                        {k: meta[k] for k in ckpt_io.META_KEYS})
-            write_per_class(run_dir, epoch=state.epoch, weights="ema" if engine.ema is not None else "model",
-                            classes=meta["classes"], per_class_acc=state.best_eval["per_class_acc"],
-                            confusion=state.best_eval.get("confusion"))
+            _write_per_class(run_dir, state, meta, "ema" if engine.ema is not None else "model")
+
+
+def _write_per_class(run_dir: Path, state, meta: dict, weights: str) -> None:
+    write_per_class(run_dir, epoch=state.epoch, weights=weights, classes=meta["classes"],
+                    per_class_acc=state.best_eval["per_class_acc"], confusion=state.best_eval.get("confusion"))

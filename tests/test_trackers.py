@@ -187,3 +187,25 @@ def test_trackers_follow_the_run_and_its_resume(data, tmp_path, mlflow_server, w
     logged = [(s / f"run-{wb_id}.wandb").read_bytes() for s in sessions]
     assert all(b"val_top1" in b and b"train_loss" in b for b in logged)  # the rows' keys are in both sessions' logs
     assert not list((out / "wandb").glob("run-*"))  # an online run would be a run-* folder
+
+
+def test_tracker_flags_and_config_keys(data, tmp_path):
+    from convnext_fast.cli import build_parser
+    from convnext_fast.commands.train import resolve_config
+
+    def resolved(*argv):
+        return resolve_config(build_parser(only="train").parse_args(["train", *argv]))[0].run
+
+    run = resolved(str(data), "--tensorboard", "--mlflow", "--wandb", "my-project")
+    assert (run.tensorboard, run.mlflow, run.wandb, run.mlflow_model) == (True, "auto", "my-project", False)
+    run = resolved(str(data), "--mlflow", "sqlite:///x.db", "--mlflow-model", "--wandb", "off")
+    assert (run.mlflow, run.mlflow_model, run.wandb) == ("sqlite:///x.db", True, None)
+    with pytest.raises(ValueError, match="--mlflow took .* put DATA before --mlflow"):
+        resolved("--mlflow", str(data))  # argparse gave DATA to the flag's optional value
+    toml = tmp_path / "c.toml"
+    toml.write_text('[run]\ntensorboard = true\nmlflow = "http://127.0.0.1:5000"\nwandb = "auto"\n')
+    run = build_config(config_file=toml).run
+    assert (run.tensorboard, run.mlflow, run.wandb) == (True, "http://127.0.0.1:5000", "auto")
+    toml.write_text('[run]\nmlflow = ""\n')
+    with pytest.raises(ValueError, match="run.mlflow"):
+        build_config(config_file=toml)
