@@ -149,11 +149,11 @@ class RunConfig:
                                         "(no longer an exact resume); without it such a resume is refused")
     # Trackers (convnext_fast.trackers): where the run's rows are sent besides RUN_DIR; a failing one is a warning.
     tensorboard: bool = _f(False, "write TensorBoard event files to RUN_DIR/tb (needs the tensorboard extra)")
-    mlflow: str | None = _f(None, "log the run to this MLflow tracking URI; 'auto' = the MLflow client's default "
-                                  "(MLFLOW_TRACKING_URI, else ./mlruns); None = off (needs the mlflow extra)")
+    mlflow: str | None = _f(None, "log the run to this MLflow tracking URI; 'auto' = the MLflow client's own default "
+                                  "(MLFLOW_TRACKING_URI, else its local store); off/None = no MLflow (mlflow extra)")
     mlflow_model: bool = _f(False, "with mlflow: also upload model.safetensors as an artifact at the end")
     wandb: str | None = _f(None, "log the run to this Weights & Biases project; 'auto' = WANDB_PROJECT, else "
-                                 "convnext-fast; None = off; WANDB_MODE=offline keeps it local (needs the wandb extra)")
+                                 "convnext-fast; off/None = no W&B; WANDB_MODE=offline keeps it local (wandb extra)")
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig,

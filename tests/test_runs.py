@@ -19,7 +19,6 @@ from convnext_fast.config import build_config
 from convnext_fast.errors import Interrupted
 from convnext_fast.runlock import RunLock
 from convnext_fast.runs import compare_runs, scan_runs
-from convnext_fast.runs.page import write_compare_page
 
 COLOURS = {"red": 0, "green": 1, "blue": 2, "cyan": (1, 2)}
 

@@ -144,7 +144,8 @@ def test_trackers_follow_the_run_and_its_resume(data, tmp_path, mlflow_server, w
     ids = json.loads((out / "trackers.json").read_text())
     first = client.get_run(ids["mlflow"]["run_id"])
     assert first.info.status == "KILLED" and first.info.run_name == "run"
-    convnext_fast.train(cfg(data, out, 3, **trackers), resume=True, tty=False)
+    # the resume adds --mlflow-model (a flag given at --resume overrides the saved config)
+    convnext_fast.train(cfg(data, out, 3, **trackers, mlflow_model=True), resume=True, tty=False)
     rows = _rows(out)
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert json.loads((out / "trackers.json").read_text()) == ids  # the same tracker runs, not new ones
@@ -161,7 +162,7 @@ def test_trackers_follow_the_run_and_its_resume(data, tmp_path, mlflow_server, w
     assert run.data.metrics["best_top1"] == pytest.approx(max(r["val_top1"] for r in rows))
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.json", "metrics.jsonl", "summary.json", "per_class.json", "status.json", "plots"} <= artifacts
-    assert "model.safetensors" not in artifacts  # only with --mlflow-model
+    assert "model.safetensors" in artifacts  # with --mlflow-model
 
     # TensorBoard: one run (no hparams subfolder), its scalars per epoch = metrics.jsonl, hparams in the same run
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
