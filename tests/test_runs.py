@@ -91,7 +91,7 @@ def test_list_shows_every_run_with_its_state(runs, capsys):
     assert [r["name"] for r in _list_json(capsys, str(runs / "a"))] == ["a"]
     assert main(["runs", "list", str(runs)]) == 0
     table = capsys.readouterr().out
-    assert "interrupted" in table and "failed" in table and "convnext_atto" in table
+    assert "interrupted" in table and "failed (TrainingError: non-finite loss" in table and "convnext_atto" in table
 
 
 def test_list_tells_running_and_killed_runs_apart(runs, tmp_path, capsys):
