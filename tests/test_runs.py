@@ -158,7 +158,9 @@ def test_compare_needs_two_runs_and_real_directories(runs, tmp_path, capsys):
 
 
 def _browser():
-    from tests.test_report_browser import _browser as browser
+    # The error report's browser test's driver (system Chromium; skips without it, fails in CI); pytest puts tests/
+    # on sys.path (no __init__.py), so this is the module it already imported.
+    from test_report_browser import _browser as browser
 
     return browser()
 
