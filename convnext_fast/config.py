@@ -149,6 +149,13 @@ class RunConfig:
                                         "(no longer an exact resume); without it such a resume is refused")
     time_limit: float | str | None = _f(None, "wall-time budget (8h, 90m, 1h30m, seconds): the epoch count (at most "
                                               "epochs) is fixed up front from measured throughput; None = off")
+    # Trackers (convnext_fast.trackers): where the run's rows are sent besides RUN_DIR; a failing one is a warning.
+    tensorboard: bool = _f(False, "write TensorBoard event files to RUN_DIR/tb (needs the tensorboard extra)")
+    mlflow: str | None = _f(None, "log the run to this MLflow tracking URI; 'auto' = the MLflow client's own default "
+                                  "(MLFLOW_TRACKING_URI, else its local store); off/None = no MLflow (mlflow extra)")
+    mlflow_model: bool = _f(False, "with mlflow: also upload model.safetensors as an artifact at the end")
+    wandb: str | None = _f(None, "log the run to this Weights & Biases project; 'auto' = WANDB_PROJECT, else "
+                                 "convnext-fast; off/None = no W&B; WANDB_MODE=offline keeps it local (wandb extra)")
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig,
@@ -321,6 +328,8 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
     _check(run.epochs >= 1, source, "run.epochs", run.epochs, ">= 1")
     _check(run.patience is None or run.patience >= 1, source, "run.patience", run.patience, ">= 1")
     _check(run.log_every >= 1, source, "run.log_every", run.log_every, ">= 1")
+    for key in ("mlflow", "wandb"):
+        _check(getattr(run, key) != "", source, f"run.{key}", getattr(run, key), "a URI/project, 'auto' or off")
     _check(run.device is None or run.device.split(":")[0] in ("cpu", "cuda"), source, "run.device", run.device,
            "cpu, cuda or cuda:N")
     if run.time_limit is not None:

@@ -35,7 +35,7 @@ from convnext_fast.config import TrainConfig
 from convnext_fast.data import build_loader
 from convnext_fast.data.splits import resolve_train_val
 from convnext_fast.distributed import (DistInfo, all_gather_object, all_reduce_sum, destroy_distributed,
-                                      init_distributed, print0, replica_digests)
+                                      init_distributed, replica_digests)
 from convnext_fast.engine import Engine, build_engine
 from convnext_fast.errors import Interrupted, TrainingError  # noqa: F401  (re-exported: train.TrainingError)
 from convnext_fast.evaluate import evaluate
@@ -43,8 +43,10 @@ from convnext_fast.model import check_model_name
 from convnext_fast.optim import WarmupCosine
 from convnext_fast.progress import TrainProgress, describe_run
 from convnext_fast.run_files import RunReporter, atomic_write_text, epoch_table, to_jsonable
+from convnext_fast.runs.status import StatusSink
 from convnext_fast.schedule import ResolutionSchedule, check_model_sizes, check_resume
 from convnext_fast.sinks import Callback, Sinks
+from convnext_fast.trackers import build_trackers
 
 
 @dataclass
@@ -141,7 +143,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, tty: bool | None = None,
     stop = _StopRequest()
     stop.install()
     run = None
-    extra = [*sinks, *([Callback(report)] if report is not None else [])]
+    # status.json first (trackers upload it at the end), then the trackers the config asks for, then the caller's
+    extra = [StatusSink(), *build_trackers(cfg.run), *sinks, *([Callback(report)] if report is not None else [])]
     try:
         run = _setup(cfg, dist, resume, tty, extra, budget)
         try:

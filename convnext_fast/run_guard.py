@@ -9,7 +9,8 @@
   ``best.pt``/``model.safetensors``; the resume finishes those writes (and removes temp files the kill left).
 
 The order of an epoch's writes (loop.py): metrics.jsonl row -> ``last.pt`` (atomic: temp + fsync + rename + dir
-fsync) -> if improved, ``best.pt`` (a hard link of ``last.pt``) -> ``model.safetensors`` (atomic). ``last.pt`` is
+fsync) -> if improved, ``best.pt`` (a hard link of ``last.pt``) -> ``model.safetensors`` (atomic) -> ``per_class.json``
+(the best epoch's per-class recall, for `runs compare`). ``last.pt`` is
 the commit point: a resume rewrites metrics.jsonl from its rows and redoes the best/export step if it was cut.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from convnext_fast.data.badfiles import read_log
 from convnext_fast.distributed import DistInfo, all_gather_object, print0
 from convnext_fast.errors import TrainingError
 from convnext_fast.runlock import RunLock
+from convnext_fast.runs.per_class import read_per_class, write_per_class
 
 
 def refuse_finished(run_dir: Path, resume: bool) -> None:
@@ -136,6 +138,9 @@ def repair_after_kill(run_dir: Path, state, weights, meta: dict) -> None:
         tmp.unlink(missing_ok=True)
     if state.best_epoch != state.epoch or state.best_epoch == 0 or state.batch_in_epoch:
         return  # last.pt is not an improved epoch's end: its save had nothing more to write
+    if state.best_eval and (read_per_class(run_dir) or {}).get("epoch") != state.epoch:  # the save's last write
+        with saving(run_dir):
+            _write_per_class(run_dir, state, meta, "ema" if meta["config"]["recipe"]["model_ema"] else "model")
     last, best = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
     export = run_dir / "model.safetensors"
     try:  # best.pt is a hard link of that last.pt (a copy where links are unsupported), written before the export
@@ -174,3 +179,9 @@ def save_epoch(run_dir: Path, engine, state, meta: dict, dist: DistInfo, reporte
             weights = engine.ema.module if engine.ema is not None else engine.model
             ckpt_io.export_safetensors(weights.state_dict(), run_dir / "model.safetensors",
                                        {k: meta[k] for k in ckpt_io.META_KEYS})
+            _write_per_class(run_dir, state, meta, "ema" if engine.ema is not None else "model")
+
+
+def _write_per_class(run_dir: Path, state, meta: dict, weights: str) -> None:
+    write_per_class(run_dir, epoch=state.epoch, weights=weights, classes=meta["classes"],
+                    per_class_acc=state.best_eval["per_class_acc"], confusion=state.best_eval.get("confusion"))

@@ -108,6 +108,7 @@ KILL_DRIVER = textwrap.dedent("""
     from convnext_fast import checkpoint as ckpt_io, run_guard
     from convnext_fast.distributed import DistInfo
     from convnext_fast.run_files import RunReporter, read_jsonl
+    from convnext_fast.runs.per_class import read_per_class
     from convnext_fast.loop import LoopState
     import torch
 
@@ -150,6 +151,7 @@ KILL_DRIVER = textwrap.dedent("""
         best, last = run / "checkpoints" / "best.pt", run / "checkpoints" / "last.pt"
         assert os.path.samefile(best, last) or \
             ckpt_io.load_checkpoint(best)["loop"] == ckpt_io.load_checkpoint(last)["loop"]
+        assert read_per_class(run)["epoch"] == state.epoch  # per_class.json, the save's last write: whole after any kill
         assert not any(run.rglob(".*.tmp*"))
     print(json.dumps({"kills": done, "mid_write": mid_write, "period_s": period}))
 """)

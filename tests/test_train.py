@@ -32,8 +32,8 @@ FLAGS = ["--loader", "torchvision", "--workers", "0", "--model", "convnext_atto"
 COMPARED = ("epoch", "step", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "ema_val_loss", "ema_val_top1",
             "ema_val_top5")
 RUN_FILES = [".lock", "checkpoints/best.pt", "checkpoints/last.pt", "classes.json", "config.json", "metrics.jsonl",
-             "model.safetensors", "plots/accuracy.png", "plots/confusion_matrix.png", "plots/loss.png",
-             "plots/lr.png", "plots/per_class_accuracy.png", "summary.json"]
+             "model.safetensors", "per_class.json", "plots/accuracy.png", "plots/confusion_matrix.png",
+             "plots/loss.png", "plots/lr.png", "plots/per_class_accuracy.png", "status.json", "summary.json"]
 
 
 @pytest.fixture(scope="module")

@@ -49,6 +49,14 @@ def _text(flag: str, text: str) -> str:
     return text
 
 
+def _tracker_target(flag: str, text: str) -> str | None:
+    if text.lower() in ("off", "none"):
+        return None
+    if not text.strip():
+        raise ValueError(f"{flag}: expected a value, 'auto' or off, got {text!r}")
+    return text
+
+
 _INT, _FLOAT = _number(int), _number(float)
 # flag -> (section, key, parser or "bool" for --x/--no-x, metavar)
 FLAGS: dict[str, tuple[str, str, Any, str | None]] = {
@@ -100,7 +108,13 @@ FLAGS: dict[str, tuple[str, str, Any, str | None]] = {
     "--deterministic": ("run", "deterministic", "bool", None),
     "--allow-data-change": ("run", "allow_data_change", "bool", None),
     "--time-limit": ("run", "time_limit", _optional(_text), "DURATION|off"),
+    "--tensorboard": ("run", "tensorboard", "bool", None),
+    "--mlflow": ("run", "mlflow", _tracker_target, "URI"),
+    "--mlflow-model": ("run", "mlflow_model", "bool", None),
+    "--wandb": ("run", "wandb", _tracker_target, "PROJECT"),
 }
+# Flags whose value may be left out: `--mlflow` alone = the tracker's own default.
+OPTIONAL_VALUE = {"--mlflow": "auto", "--wandb": "auto"}
 
 
 def _dest(flag: str) -> str:
@@ -128,11 +142,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         group = groups.setdefault(section, parser.add_argument_group(section))
         default = getattr(getattr(defaults, section), key)
         shown = "auto" if default is None and (section == "speed" or key in ("ramp", "eval_img_size")) else default
-        shown = "off" if default is None and key == "progressive" else shown
+        shown = "off" if default is None and key in ("progressive", "mlflow", "wandb") else shown
         help_text = f"{field_doc(section, key)} (default: {shown})".replace("%", "%%")
         if parse == "bool":
             group.add_argument(flag, dest=_dest(flag), action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=help_text)
+        elif flag in OPTIONAL_VALUE:
+            group.add_argument(flag, dest=_dest(flag), nargs="?", const=OPTIONAL_VALUE[flag], default=argparse.SUPPRESS,
+                               metavar=metavar, help=help_text)
         else:
             group.add_argument(flag, dest=_dest(flag), default=argparse.SUPPRESS, metavar=metavar, help=help_text)
 
@@ -148,6 +165,10 @@ def flag_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         out.setdefault(section, {})[key] = value
     if args.data is not None:
         out.setdefault("data", {})["path"] = str(args.data)
+    for flag in OPTIONAL_VALUE:  # `train --mlflow DATA`: argparse gives DATA to the flag; say so, do not log there
+        value = getattr(args, _dest(flag), None)
+        if args.data is None and value and (Path(value) / "train").is_dir():
+            raise ValueError(f"{flag} took {value!r} as its value; put DATA before {flag} (or write {flag} auto)")
     return out
 
 
