@@ -1,0 +1,92 @@
+"""`convnext-fast export WEIGHTS [DATA] --format onnx -o model.onnx`: an ONNX file for a service, checked.
+
+After writing the file it checks itself: ONNX Runtime against PyTorch on a batch of DATA's images (or
+``--check-data``) prepared by eval's loader, at the trained size and, with ``--dynamic-size``, at a second size;
+it prints the max |logit difference| and the top-1 agreement, and fails (exit 1) above ``--tolerance``. Without
+images it says that it checked random inputs only. Needs the ``onnx`` extra (onnx, onnxruntime).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("weights", metavar="WEIGHTS", help="checkpoint .pt or model.safetensors")
+    parser.add_argument("data", metavar="DATA", nargs="?", default=None,
+                        help="images to check the export on (a folder or a list of paths); same as --check-data")
+    parser.add_argument("--format", default="onnx", choices=["onnx"], help="export format")
+    parser.add_argument("-o", "--output", required=True, metavar="FILE", help="the .onnx file to write")
+    parser.add_argument("--dynamic-size", action="store_true",
+                        help="height and width dynamic too (several test sizes); checked at a second size")
+    parser.add_argument("--with-preprocessing", action="store_true",
+                        help="input uint8 NHWC (resized, center-cropped RGB); normalization inside the graph")
+    parser.add_argument("--check-data", default=None, metavar="DATA", help="images for the self-check")
+    parser.add_argument("--check-images", type=int, default=32, metavar="N", help="images in the self-check")
+    parser.add_argument("--tolerance", type=float, default=1e-3, metavar="T",
+                        help="fail when ONNX Runtime and PyTorch logits differ by more than T")
+    parser.add_argument("--loader", default="dali", metavar="dali|torchvision", help="loader of the check images")
+
+
+def _check_batches(lm, data: str | None, sizes: list[int], n: int, loader: str):
+    """(description, [normalized image batch per size]) from DATA through eval's loader, else random inputs."""
+    import torch
+
+    from convnext_fast.data.index import ImageIndex
+    from convnext_fast.inference.inputs import list_inputs
+
+    if data is None:
+        g = torch.Generator().manual_seed(0)
+        return "random normal inputs (no DATA or --check-data given: real images check more)", \
+            [torch.randn(min(n, 8), 3, s, s, generator=g) for s in sizes]
+    inputs = list_inputs(data)
+    good = [p for p in inputs.paths if p not in inputs.bad][:n]
+    if not good:
+        raise ValueError(f"--check-data {data}: no readable image")
+    index = ImageIndex(inputs.root, lm.classes, {c: i for i, c in enumerate(lm.classes)}, [(p, 0) for p in good])
+    batches = []
+    for s in sizes:
+        val = lm.loader(index, s, backend=loader, batch_size=len(good), workers=1)
+        try:
+            batches.append(next(iter(val)).images.float().cpu())
+        finally:
+            val.close()
+    return f"{len(good)} images of {data}", batches
+
+
+def run(args: argparse.Namespace) -> int:
+    from convnext_fast.inference.model import load_model
+
+    out = Path(args.output).expanduser()
+    if out.suffix.lower() != ".onnx":
+        raise ValueError(f"-o {out}: --format onnx writes a .onnx file")
+    if not out.parent.is_dir():
+        raise ValueError(f"-o {out}: folder {out.parent} does not exist")
+    if args.data and args.check_data and args.data != args.check_data:
+        raise ValueError("give the check images once: DATA or --check-data")
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as e:
+        raise ValueError(f"export needs onnx and onnxruntime: pip install 'convnext_fast[onnx]' ({e.name} missing)")
+    from convnext_fast.inference.onnx_export import export_onnx, parity
+
+    lm = load_model(args.weights, device="cpu", amp="off")
+    sizes = [lm.img_size] + ([lm.img_size + 32] if args.dynamic_size else [])
+    what, batches = _check_batches(lm, args.data or args.check_data, sizes, args.check_images, args.loader)
+    info = export_onnx(lm, out, dynamic_size=args.dynamic_size, with_preprocessing=args.with_preprocessing)
+    print(f"wrote {out} ({info['bytes'] / 2**20:.1f} MiB, {info['exporter']} exporter, {info['seconds']:.1f}s): "
+          f"input images {'uint8 N,H,W,3' if args.with_preprocessing else 'float N,3,H,W normalized'}, output logits "
+          f"N,{len(lm.classes)}; preprocessing in its metadata", flush=True)
+    worst = 0.0
+    for batch in batches:
+        r = parity(out, lm, batch, args.with_preprocessing)
+        worst = max(worst, r["max_abs_diff"])
+        print(f"check: ONNX Runtime vs PyTorch on {what} at {r['size']}px: max |logit diff| "
+              f"{r['max_abs_diff']:.2e}, top-1 agreement {100 * r['top1_agree']:.1f}% ({r['images']} images)",
+              flush=True)
+    if worst > args.tolerance:
+        print(f"convnext-fast export: error: ONNX Runtime differs from PyTorch by {worst:.2e} > --tolerance "
+              f"{args.tolerance:g}; {out} is not trustworthy", flush=True)
+        return 1
+    return 0

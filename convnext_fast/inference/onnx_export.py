@@ -1,0 +1,132 @@
+"""ONNX export of trained weights, checked against PyTorch on real images through the same eval loader.
+
+The file is one self-contained ``.onnx`` (no external data), in eval mode, fp32: input ``images`` (N, 3, H, W
+float, normalized with the weights' mean/std) and output ``logits``, batch dynamic (and H, W with
+``dynamic_size``). ``with_preprocessing``: input ``images`` is uint8 (N, H, W, 3), the resized, center-cropped
+RGB pixels, and the graph normalizes. The classes, image size, crop_pct, mean and std go to the file's
+``metadata_props`` (JSON values), so a service reads its preprocessing from the model it serves.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from convnext_fast.inference.model import LoadedModel
+
+# The legacy TorchScript exporter, not the dynamo one (torch's default since 2.9), by measurement on this
+# project's models (convnext_atto, 2-core CPU, torch 2.9/onnxscript 0.5, benchmarks/results/onnx_exporters.md):
+# legacy exported in ~1.5 s vs ~9 s, with the same parity (max |diff| ~1e-6) and the same file size, and its
+# dynamic H/W needed no shape constraints, where torch.export has to be told that the downsampling convs accept any
+# size; it needs no onnxscript either. Pass dynamo=True to export_onnx to use the other exporter.
+DEFAULT_DYNAMO = False
+OPSET = 18
+
+
+class WithPreprocessing(nn.Module):
+    """uint8 NHWC pixels -> the model's normalized float NCHW input -> logits (normalization inside the graph)."""
+
+    def __init__(self, model: nn.Module, mean, std) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor([255.0 * m for m in mean]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([255.0 * s for s in std]).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float()
+        return self.model((x - self.mean) / self.std)
+
+
+def export_module(lm: LoadedModel, with_preprocessing: bool) -> nn.Module:
+    """The module exported: the model in eval mode, fp32, on the CPU (wrapped to normalize when asked)."""
+    model = lm.model.to("cpu", torch.float32).eval()
+    return (WithPreprocessing(model, lm.mean, lm.std) if with_preprocessing else model).eval()
+
+
+def example_input(lm: LoadedModel, with_preprocessing: bool, size: int | None = None, batch: int = 2):
+    s = size or lm.img_size
+    if with_preprocessing:
+        return torch.zeros(batch, s, s, 3, dtype=torch.uint8)
+    return torch.zeros(batch, 3, s, s)
+
+
+def export_onnx(lm: LoadedModel, out: str | Path, *, dynamic_size: bool = False, with_preprocessing: bool = False,
+                dynamo: bool = DEFAULT_DYNAMO) -> dict:
+    """Write ``out`` (atomically); returns {"seconds", "bytes", "exporter"}."""
+    import onnx
+
+    out = Path(out)
+    module = export_module(lm, with_preprocessing)
+    x = example_input(lm, with_preprocessing)
+    h, w = (1, 2) if with_preprocessing else (2, 3)
+    tmp = out.with_name(f".{out.stem}.tmp{os.getpid()}.onnx")
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            if dynamo:
+                from torch.export import Dim
+
+                shapes = {0: Dim("batch", min=1, max=4096)}
+                if dynamic_size:
+                    shapes.update({h: Dim.AUTO, w: Dim.AUTO})
+                torch.onnx.export(module, (x,), str(tmp), input_names=["images"], output_names=["logits"],
+                                  dynamic_shapes={"images" if not with_preprocessing else "images": shapes},
+                                  dynamo=True, external_data=False, opset_version=OPSET)
+            else:
+                axes = {0: "batch", **({h: "height", w: "width"} if dynamic_size else {})}
+                kwargs = {"dynamo": False} if "dynamo" in torch.onnx.export.__code__.co_varnames else {}
+                torch.onnx.export(module, (x,), str(tmp), input_names=["images"], output_names=["logits"],
+                                  dynamic_axes={"images": axes, "logits": {0: "batch"}}, opset_version=OPSET,
+                                  do_constant_folding=True, **kwargs)
+        proto = onnx.load(str(tmp))
+        facts = {**lm.preprocessing(), "model_name": lm.meta["model_name"],
+                 "input": "uint8 NHWC, resized and center-cropped RGB" if with_preprocessing
+                 else "float32 NCHW, normalized with mean/std", "dynamic_size": dynamic_size}
+        del proto.metadata_props[:]
+        for key, value in facts.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, json.dumps(value)
+        onnx.save(proto, str(tmp), save_as_external_data=False)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+        for extra in out.parent.glob(f".{out.stem}.tmp{os.getpid()}.onnx*"):
+            extra.unlink(missing_ok=True)  # an external-data file an exporter may have left beside the temp file
+    return {"seconds": time.perf_counter() - t0, "bytes": out.stat().st_size, "exporter": "dynamo" if dynamo
+            else "torchscript"}
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The ``metadata_props`` of an exported file, JSON-decoded."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return {p.key: json.loads(p.value) for p in proto.metadata_props}
+
+
+def to_pixels(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """Normalized NCHW floats from the eval loader -> the uint8 NHWC pixels they were made from."""
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
+    return ((images.float().cpu() * s + m) * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def parity(path: str | Path, lm: LoadedModel, images: torch.Tensor, with_preprocessing: bool) -> dict:
+    """ONNX Runtime (CPU) against PyTorch (the exported module, fp32) on ``images`` (normalized NCHW floats):
+    {"images", "size", "max_abs_diff", "top1_agree"}."""
+    import onnxruntime as ort
+
+    module = export_module(lm, with_preprocessing)
+    x = to_pixels(images, lm.mean, lm.std) if with_preprocessing else images.float().cpu().contiguous()
+    with torch.no_grad():
+        ref = module(x).numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(["logits"], {"images": x.numpy()})[0]
+    return {"images": int(x.shape[0]), "size": int(images.shape[-1]),
+            "max_abs_diff": float(np.abs(got - ref).max()) if len(ref) else 0.0,
+            "top1_agree": float((got.argmax(1) == ref.argmax(1)).mean()) if len(ref) else 1.0}
