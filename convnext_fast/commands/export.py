@@ -21,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="height and width dynamic too (several test sizes); checked at a second size")
     parser.add_argument("--with-preprocessing", action="store_true",
                         help="input uint8 NHWC (resized, center-cropped RGB); normalization inside the graph")
+    parser.add_argument("--exporter", default="torchscript", choices=["torchscript", "dynamo"],
+                        help="torch's ONNX exporter (torchscript: measured faster, same parity; dynamo needs onnxscript)")
     parser.add_argument("--check-data", default=None, metavar="DATA", help="images for the self-check")
     parser.add_argument("--check-images", type=int, default=32, metavar="N", help="images in the self-check")
     parser.add_argument("--tolerance", type=float, default=1e-3, metavar="T",
@@ -69,12 +71,18 @@ def run(args: argparse.Namespace) -> int:
         import onnxruntime  # noqa: F401
     except ImportError as e:
         raise ValueError(f"export needs onnx and onnxruntime: pip install 'convnext_fast[onnx]' ({e.name} missing)")
+    if args.exporter == "dynamo":
+        try:
+            import onnxscript  # noqa: F401
+        except ImportError:
+            raise ValueError("--exporter dynamo needs onnxscript (pip install onnxscript)") from None
     from convnext_fast.inference.onnx_export import export_onnx, parity
 
     lm = load_model(args.weights, device="cpu", amp="off")
     sizes = [lm.img_size] + ([lm.img_size + 32] if args.dynamic_size else [])
     what, batches = _check_batches(lm, args.data or args.check_data, sizes, args.check_images, args.loader)
-    info = export_onnx(lm, out, dynamic_size=args.dynamic_size, with_preprocessing=args.with_preprocessing)
+    info = export_onnx(lm, out, dynamic_size=args.dynamic_size, with_preprocessing=args.with_preprocessing,
+                       exporter=args.exporter)
     print(f"wrote {out} ({info['bytes'] / 2**20:.1f} MiB, {info['exporter']} exporter, {info['seconds']:.1f}s): "
           f"input images {'uint8 N,H,W,3' if args.with_preprocessing else 'float N,3,H,W normalized'}, output logits "
           f"N,{len(lm.classes)}; preprocessing in its metadata", flush=True)

@@ -1,6 +1,7 @@
 """`convnext-fast predict WEIGHTS [WEIGHTS ...] DATA -o FILE`: the model's predictions on unlabelled images.
 
-DATA is a folder (searched recursively; class sub-folders are allowed and ignored) or a list of paths (.txt, .csv).
+DATA is a folder (searched recursively; class sub-folders are allowed and ignored), one image, or a list of paths
+(.txt, .csv).
 The preprocessing is eval's, read from each weights file (``convnext_fast.inference``); ``--img-size`` (one or
 several sizes) and ``--tta`` average the logits of every view of a model; several WEIGHTS average their
 probabilities. The output's extension picks its format (see ``convnext_fast.inference.outputs``); rows are sorted
@@ -15,7 +16,8 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("weights", metavar="WEIGHTS", nargs="+",
                         help="checkpoint .pt or model.safetensors; several: an ensemble (mean of probabilities)")
-    parser.add_argument("data", metavar="DATA", help="a folder of images (recursive) or a .txt/.csv list of paths")
+    parser.add_argument("data", metavar="DATA",
+                        help="a folder of images (recursive), one image, or a .txt/.csv list of paths")
     parser.add_argument("-o", "--output", required=True, metavar="FILE",
                         help="predictions: .csv, .jsonl, .parquet (needs pyarrow) or .npz (eval's predictions.npz)")
     parser.add_argument("--tta", action="store_true", help="also average the logits of each image's mirror")

@@ -92,8 +92,8 @@ def preflight(paths: list[str]) -> dict[str, str]:
 
 
 def list_inputs(data: str | Path, *, id_format: str = "relpath") -> Inputs:
-    """The images of DATA (a folder searched recursively; class sub-folders are allowed and ignored) or of a list
-    file, sorted by id, with the preflight's bad files. One-line ValueErrors before any work."""
+    """The images of DATA (a folder searched recursively, class sub-folders allowed and ignored; one image; or a list
+    file), sorted by id, with the preflight's bad files. One-line ValueErrors before any work."""
     data = Path(data).expanduser()
     if id_format not in ID_FORMATS:
         raise ValueError(f"--id-format: expected one of {', '.join(ID_FORMATS)}, got {id_format!r}")
@@ -101,9 +101,11 @@ def list_inputs(data: str | Path, *, id_format: str = "relpath") -> Inputs:
         root, paths = data.resolve(), _walk(data)
         if not paths:
             raise ValueError(f"DATA {data}: no image files found ({', '.join(IMG_EXTENSIONS)}, searched recursively)")
+    elif data.is_file() and data.name.lower().endswith(IMG_EXTENSIONS):
+        root, paths = data.resolve().parent, [os.path.abspath(data)]
     elif data.is_file():
         if data.suffix.lower() not in LIST_SUFFIXES:
-            raise ValueError(f"DATA {data}: expected a folder of images or a list of paths "
+            raise ValueError(f"DATA {data}: expected a folder of images, an image or a list of paths "
                              f"({', '.join(LIST_SUFFIXES)})")
         root, paths = data.resolve().parent, _read_list(data)
         if not paths:

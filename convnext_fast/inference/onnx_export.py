@@ -19,12 +19,14 @@ from torch import nn
 
 from convnext_fast.inference.model import LoadedModel
 
-# The legacy TorchScript exporter, not the dynamo one (torch's default since 2.9), by measurement on this
-# project's models (convnext_atto, 2-core CPU, torch 2.9/onnxscript 0.5, benchmarks/results/onnx_exporters.md):
-# legacy exported in ~1.5 s vs ~9 s, with the same parity (max |diff| ~1e-6) and the same file size, and its
-# dynamic H/W needed no shape constraints, where torch.export has to be told that the downsampling convs accept any
-# size; it needs no onnxscript either. Pass dynamo=True to export_onnx to use the other exporter.
-DEFAULT_DYNAMO = False
+# Default: the TorchScript exporter, not the dynamo one (torch's default since 2.9), by measurement
+# (benchmarks/export_bench.py, results/export-*): on the same ConvNeXt both agree with PyTorch equally (max |diff|
+# ~1e-5) and make files of about the same size, but TorchScript exports 5-10x faster, names its dynamic dims
+# (batch/height/width), needs no onnxscript, and its dynamic-size graph carries no stale example shapes (dynamo's
+# value_info keeps the example's [N,320,1,1] shapes, which ONNX Runtime warns about at every other size, so we drop
+# it). It is deprecated in torch, so the dynamo exporter stays one flag away
+# (--exporter dynamo, needs onnxscript).
+EXPORTERS = ("torchscript", "dynamo")
 OPSET = 18
 
 
@@ -55,10 +57,22 @@ def example_input(lm: LoadedModel, with_preprocessing: bool, size: int | None = 
     return torch.zeros(batch, 3, s, s)
 
 
+def _legacy_available() -> bool:
+    import inspect
+
+    return "dynamo" in inspect.signature(torch.onnx.export).parameters  # torch >= 2.5, while the legacy one remains
+
+
 def export_onnx(lm: LoadedModel, out: str | Path, *, dynamic_size: bool = False, with_preprocessing: bool = False,
-                dynamo: bool = DEFAULT_DYNAMO) -> dict:
+                exporter: str = "torchscript") -> dict:
     """Write ``out`` (atomically); returns {"seconds", "bytes", "exporter"}."""
+    import warnings
+
     import onnx
+
+    if exporter not in EXPORTERS:
+        raise ValueError(f"--exporter: expected one of {', '.join(EXPORTERS)}, got {exporter!r}")
+    dynamo = exporter == "dynamo"
 
     out = Path(out)
     module = export_module(lm, with_preprocessing)
@@ -67,7 +81,8 @@ def export_onnx(lm: LoadedModel, out: str | Path, *, dynamic_size: bool = False,
     tmp = out.with_name(f".{out.stem}.tmp{os.getpid()}.onnx")
     t0 = time.perf_counter()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's, chosen knowingly (above)
             if dynamo:
                 from torch.export import Dim
 
@@ -75,15 +90,16 @@ def export_onnx(lm: LoadedModel, out: str | Path, *, dynamic_size: bool = False,
                 if dynamic_size:
                     shapes.update({h: Dim.AUTO, w: Dim.AUTO})
                 torch.onnx.export(module, (x,), str(tmp), input_names=["images"], output_names=["logits"],
-                                  dynamic_shapes={"images" if not with_preprocessing else "images": shapes},
+                                  dynamic_shapes=(shapes,),
                                   dynamo=True, external_data=False, opset_version=OPSET)
             else:
                 axes = {0: "batch", **({h: "height", w: "width"} if dynamic_size else {})}
-                kwargs = {"dynamo": False} if "dynamo" in torch.onnx.export.__code__.co_varnames else {}
                 torch.onnx.export(module, (x,), str(tmp), input_names=["images"], output_names=["logits"],
                                   dynamic_axes={"images": axes, "logits": {0: "batch"}}, opset_version=OPSET,
-                                  do_constant_folding=True, **kwargs)
+                                  do_constant_folding=True, **({"dynamo": False} if _legacy_available() else {}))
         proto = onnx.load(str(tmp))
+        if dynamo:
+            del proto.graph.value_info[:]  # the example's intermediate shapes (see EXPORTERS); ORT infers its own
         facts = {**lm.preprocessing(), "model_name": lm.meta["model_name"],
                  "input": "uint8 NHWC, resized and center-cropped RGB" if with_preprocessing
                  else "float32 NCHW, normalized with mean/std", "dynamic_size": dynamic_size}
@@ -97,8 +113,7 @@ def export_onnx(lm: LoadedModel, out: str | Path, *, dynamic_size: bool = False,
         tmp.unlink(missing_ok=True)
         for extra in out.parent.glob(f".{out.stem}.tmp{os.getpid()}.onnx*"):
             extra.unlink(missing_ok=True)  # an external-data file an exporter may have left beside the temp file
-    return {"seconds": time.perf_counter() - t0, "bytes": out.stat().st_size, "exporter": "dynamo" if dynamo
-            else "torchscript"}
+    return {"seconds": time.perf_counter() - t0, "bytes": out.stat().st_size, "exporter": exporter}
 
 
 def read_metadata(path: str | Path) -> dict:
