@@ -77,7 +77,8 @@ def perturbed_weights(path: Path, model_name: str, classes: list[str], size: int
             elif name.startswith("head.fc"):
                 p.normal_(0.0, 0.5)
     return export_safetensors(model.state_dict(), path, {"model_name": model_name, "num_classes": len(classes),
-                                                         "classes": classes, "img_size": size, "crop_pct": 0.875})
+                                                         "classes": classes, "img_size": size,
+                                                         "crop_pct": 0.875})
 
 
 def throughput(weights: Path, data: Path, out: Path, args) -> dict:
@@ -102,13 +103,12 @@ def throughput(weights: Path, data: Path, out: Path, args) -> dict:
 
 
 def export_parity(weights: Path, data: Path, tmp: Path, args) -> list[dict]:
-    from convnext_fast.commands.export import _check_batches
     from convnext_fast.inference.model import load_model
-    from convnext_fast.inference.onnx_export import export_onnx, parity
+    from convnext_fast.inference.onnx_export import check_batches, export_onnx, parity
 
     lm = load_model(weights, device="cpu", amp="off")
     sizes = [lm.img_size, lm.img_size + 32]
-    what, batches = _check_batches(lm, str(data), sizes, args.parity_images, args.loader)
+    what, batches = check_batches(lm, str(data), sizes, args.parity_images, args.loader)
     rows = []
     for exporter in ("torchscript", "dynamo"):
         out = tmp / f"{exporter}.onnx"

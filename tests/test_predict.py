@@ -248,3 +248,15 @@ def test_bad_inputs_are_one_line_errors_before_any_work(weights, data, tmp_path,
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "o.csv").exists()
+
+
+@pytest.mark.gpu
+def test_predict_on_the_gpu_with_dali_gives_evals_logits(weights, data, tmp_path):
+    a, _ = weights
+    gpu = ["--loader", "dali", "--device", "cuda", "--batch-size", "5"]
+    assert main(["eval", str(a), str(data), "--report", str(tmp_path / "e"), "--tta", *gpu]) == 0
+    ref = Predictions.load(tmp_path / "e" / "predictions.npz")
+    assert main(["predict", str(a), str(data), "-o", str(tmp_path / "p.npz"), "--tta", *gpu]) == 0
+    got = Predictions.load(tmp_path / "p.npz")
+    want = _aligned(ref, got, ref.logits[0])
+    assert np.abs(got.logits[0] - want).max() < 1e-3 and (got.logits[0].argmax(1) == want.argmax(1)).all()

@@ -22,38 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--with-preprocessing", action="store_true",
                         help="input uint8 NHWC (resized, center-cropped RGB); normalization inside the graph")
     parser.add_argument("--exporter", default="torchscript", choices=["torchscript", "dynamo"],
-                        help="torch's ONNX exporter (torchscript: measured faster, same parity; dynamo needs onnxscript)")
+                        help="torch's ONNX exporter (torchscript: measured faster, same parity; dynamo: needs "
+                             "onnxscript)")
     parser.add_argument("--check-data", default=None, metavar="DATA", help="images for the self-check")
     parser.add_argument("--check-images", type=int, default=32, metavar="N", help="images in the self-check")
     parser.add_argument("--tolerance", type=float, default=1e-3, metavar="T",
                         help="fail when ONNX Runtime and PyTorch logits differ by more than T")
     parser.add_argument("--loader", default="dali", metavar="dali|torchvision", help="loader of the check images")
-
-
-def _check_batches(lm, data: str | None, sizes: list[int], n: int, loader: str):
-    """(description, [normalized image batch per size]) from DATA through eval's loader, else random inputs."""
-    import torch
-
-    from convnext_fast.data.index import ImageIndex
-    from convnext_fast.inference.inputs import list_inputs
-
-    if data is None:
-        g = torch.Generator().manual_seed(0)
-        return "random normal inputs (no DATA or --check-data given: real images check more)", \
-            [torch.randn(min(n, 8), 3, s, s, generator=g) for s in sizes]
-    inputs = list_inputs(data)
-    good = [p for p in inputs.paths if p not in inputs.bad][:n]
-    if not good:
-        raise ValueError(f"--check-data {data}: no readable image")
-    index = ImageIndex(inputs.root, lm.classes, {c: i for i, c in enumerate(lm.classes)}, [(p, 0) for p in good])
-    batches = []
-    for s in sizes:
-        val = lm.loader(index, s, backend=loader, batch_size=len(good), workers=1)
-        try:
-            batches.append(next(iter(val)).images.float().cpu())
-        finally:
-            val.close()
-    return f"{len(good)} images of {data}", batches
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,11 +51,11 @@ def run(args: argparse.Namespace) -> int:
             import onnxscript  # noqa: F401
         except ImportError:
             raise ValueError("--exporter dynamo needs onnxscript (pip install onnxscript)") from None
-    from convnext_fast.inference.onnx_export import export_onnx, parity
+    from convnext_fast.inference.onnx_export import check_batches, export_onnx, parity
 
     lm = load_model(args.weights, device="cpu", amp="off")
     sizes = [lm.img_size] + ([lm.img_size + 32] if args.dynamic_size else [])
-    what, batches = _check_batches(lm, args.data or args.check_data, sizes, args.check_images, args.loader)
+    what, batches = check_batches(lm, args.data or args.check_data, sizes, args.check_images, args.loader)
     info = export_onnx(lm, out, dynamic_size=args.dynamic_size, with_preprocessing=args.with_preprocessing,
                        exporter=args.exporter)
     print(f"wrote {out} ({info['bytes'] / 2**20:.1f} MiB, {info['exporter']} exporter, {info['seconds']:.1f}s): "

@@ -131,6 +131,31 @@ def to_pixels(images: torch.Tensor, mean, std) -> torch.Tensor:
     return ((images.float().cpu() * s + m) * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
+def check_batches(lm, data: str | None, sizes: list[int], n: int, loader: str):
+    """(what was checked, [normalized image batch per size]): up to ``n`` images of DATA through the eval loader (the
+    one eval and predict use), or random inputs without DATA."""
+    from convnext_fast.data.index import ImageIndex
+    from convnext_fast.inference.inputs import list_inputs
+
+    if data is None:
+        g = torch.Generator().manual_seed(0)
+        return "random normal inputs (no DATA or --check-data given: real images check more)", \
+            [torch.randn(min(n, 8), 3, s, s, generator=g) for s in sizes]
+    inputs = list_inputs(data)
+    good = [p for p in inputs.paths if p not in inputs.bad][:n]
+    if not good:
+        raise ValueError(f"--check-data {data}: no readable image")
+    index = ImageIndex(inputs.root, lm.classes, {c: i for i, c in enumerate(lm.classes)}, [(p, 0) for p in good])
+    batches = []
+    for s in sizes:
+        val = lm.loader(index, s, backend=loader, batch_size=len(good), workers=1)
+        try:
+            batches.append(next(iter(val)).images.float().cpu())
+        finally:
+            val.close()
+    return f"{len(good)} images of {data}", batches
+
+
 def parity(path: str | Path, lm: LoadedModel, images: torch.Tensor, with_preprocessing: bool) -> dict:
     """ONNX Runtime (CPU) against PyTorch (the exported module, fp32) on ``images`` (normalized NCHW floats):
     {"images", "size", "max_abs_diff", "top1_agree"}."""
