@@ -29,7 +29,9 @@ def setup(tmp_path_factory):
     from test_predict import make_folder, make_weights
 
     d = tmp_path_factory.mktemp("exp")
-    return make_weights(d / "w.safetensors", 3), make_folder(d / "data")
+    # Not ImageNet's mean/std: the README snippet (which reads them from the ONNX metadata) matching predict shows
+    # that predict, export and the metadata all use the weights' own.
+    return make_weights(d / "w.safetensors", 3, mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3]), make_folder(d / "data")
 
 
 def _images(weights: Path, data: Path, size: int) -> torch.Tensor:
@@ -58,7 +60,7 @@ def test_onnx_runtime_agrees_with_pytorch_at_two_sizes(setup, tmp_path, capsys, 
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # one file: no external data
     meta = read_metadata(out)
     assert meta["classes"] == ["blue", "green", "red"] and meta["img_size"] == 32 and meta["crop_pct"] == 0.875
-    assert len(meta["mean"]) == 3 and len(meta["std"]) == 3
+    assert meta["mean"] == [0.5, 0.4, 0.3] and meta["std"] == [0.2, 0.25, 0.3]
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["images"] and session.get_outputs()[0].name == "logits"
     model = load_model(weights, device="cpu").model

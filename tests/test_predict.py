@@ -24,8 +24,9 @@ TV = ["--loader", "torchvision", "--workers", "0", "--device", "cpu"]
 SHAPES = [(36, 36), (44, 36), (36, 50), (40, 40)]
 
 
-def make_weights(path: Path, seed: int, classes=CLASSES) -> Path:
-    """A freshly built convnext_atto with its layer scales and head perturbed, in the weights format."""
+def make_weights(path: Path, seed: int, classes=CLASSES, **meta) -> Path:
+    """A freshly built convnext_atto with its layer scales and head perturbed, in the weights format (``meta``:
+    more metadata, e.g. mean/std)."""
     from convnext_fast.model import create_model
 
     torch.manual_seed(seed)
@@ -37,7 +38,8 @@ def make_weights(path: Path, seed: int, classes=CLASSES) -> Path:
             elif name.startswith("head.fc"):
                 p.normal_(0.0, 0.5)
     export_safetensors(model.state_dict(), path, {"model_name": "convnext_atto", "num_classes": len(classes),
-                                                  "classes": list(classes), "img_size": 32, "crop_pct": 0.875})
+                                                  "classes": list(classes), "img_size": 32, "crop_pct": 0.875,
+                                                  **meta})
     return path
 
 

@@ -19,13 +19,13 @@ from torch import nn
 
 from convnext_fast.inference.model import LoadedModel
 
-# Default: the TorchScript exporter, not the dynamo one (torch's default since 2.9), by measurement
-# (benchmarks/export_bench.py, results/export-*): on the same ConvNeXt both agree with PyTorch equally (max |diff|
-# ~1e-5) and make files of about the same size, but TorchScript exports 5-10x faster, names its dynamic dims
-# (batch/height/width), needs no onnxscript, and its dynamic-size graph carries no stale example shapes (dynamo's
-# value_info keeps the example's [N,320,1,1] shapes, which ONNX Runtime warns about at every other size, so we drop
-# it). It is deprecated in torch, so the dynamo exporter stays one flag away
-# (--exporter dynamo, needs onnxscript).
+# Default: the TorchScript exporter, not the dynamo one (torch's default since 2.9), by measurement on real
+# images (benchmarks/predict_bench.py, results/predict-cpu-2core-2026-12-06*, 2-core CPU, torch 2.14): both agree with
+# PyTorch alike (max |diff| 1.4e-5-3.6e-5, top-1 100%, also at a second size) with files of the same size (ConvNeXt-T
+# 106.0 vs 106.6 MiB), but TorchScript exports 5-20x faster (ConvNeXt-T 5.4 s vs 27.3 s; atto 0.9 vs 20.5), names its
+# dynamic dims (batch/height/width), needs no onnxscript, and its dynamic-size graph carries no stale example shapes
+# (dynamo's value_info keeps the example's, which ONNX Runtime warns about at every other size: dropped below). It
+# is deprecated in torch, so the dynamo exporter stays one flag away (--exporter dynamo, needs onnxscript).
 EXPORTERS = ("torchscript", "dynamo")
 OPSET = 18
 
