@@ -1,7 +1,7 @@
 """The process-wide CUDA backend policy, set in one place for every command that runs the model.
 
-`train`, `eval` and `benchmark` call `set_backends` before building their model, so the benchmark measures the
-configuration training runs (both its fast and baseline arms: a baseline left at fp32 GEMMs would inflate the
+`train`, `eval`/`predict`/`export` (through `convnext_fast.inference.load_model`) and `benchmark` call
+`set_backends` before building their model, so the benchmark measures the configuration training runs (both its fast and baseline arms: a baseline left at fp32 GEMMs would inflate the
 ratio) and `eval` reproduces training's numerics. `backend_settings` is what the benchmark JSON records.
 """
 

@@ -24,6 +24,8 @@ import torch
 
 FORMAT = 1
 META_KEYS = ("model_name", "num_classes", "classes", "img_size", "crop_pct")
+# Read from an export when present (inference uses ImageNet's otherwise, as training's loaders do); not written yet.
+OPTIONAL_META_KEYS = ("mean", "std")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -202,7 +204,7 @@ def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
                 weights = {k: fh.get_tensor(k) for k in fh.keys()}
         except Exception as e:
             raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-        meta = {k: json.loads(v) for k, v in raw_meta.items() if k in META_KEYS}
+        meta = {k: json.loads(v) for k, v in raw_meta.items() if k in META_KEYS + OPTIONAL_META_KEYS}
         classes_json = path.with_name("classes.json")
         if "classes" not in meta and classes_json.is_file():
             meta["classes"] = json.loads(classes_json.read_text())

@@ -21,6 +21,8 @@ from convnext_fast import __version__
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("convnext_fast.commands.train", "train a model on an image folder (no DATA: the demo dataset)"),
     "eval": ("convnext_fast.commands.eval", "evaluate a checkpoint or model.safetensors on an image folder"),
+    "predict": ("convnext_fast.commands.predict", "predict unlabelled images (TTA, several sizes, ensembles) to a file"),
+    "export": ("convnext_fast.commands.export", "export weights to ONNX (checked against PyTorch on real images)"),
     "benchmark": ("convnext_fast.commands.benchmark", "throughput report: fast loop vs the torchvision baseline"),
     "runs": ("convnext_fast.commands.runs", "list run directories, or compare runs (terminal and --html page)"),
     "demo-data": ("convnext_fast.data.demo", "write the procedurally drawn demo dataset"),

@@ -4,7 +4,7 @@ saved data; nothing that renders a report runs the model).
 ``predictions.npz`` holds plain arrays only (loads with ``allow_pickle=False``)::
 
     logits  float32 [S, N, C]   one slice per evaluated image size, images in index order
-    labels  int64   [N]
+    labels  int64   [N]         -1: unknown (``predict`` on unlabelled images)
     paths   str     [N]
     classes str     [C]
     img_sizes int64 [S]
@@ -38,8 +38,8 @@ class Predictions:
         if (len(self.img_sizes), len(self.paths), len(self.classes)) != (s, n, c) or self.labels.shape != (n,):
             raise ValueError(f"predictions: logits {self.logits.shape} do not match {len(self.img_sizes)} size(s), "
                              f"{len(self.paths)} paths, {self.labels.shape[0]} labels and {len(self.classes)} classes")
-        if n and not (0 <= self.labels.min() and self.labels.max() < c):
-            raise ValueError(f"predictions: labels outside [0, {c})")
+        if n and not (-1 <= self.labels.min() and self.labels.max() < c):
+            raise ValueError(f"predictions: labels outside [0, {c}) (or -1, unknown)")
 
     @property
     def num_classes(self) -> int:

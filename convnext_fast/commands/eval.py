@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from convnext_fast.inference.model import parse_sizes  # noqa: F401  (also imported from here by others)
 from convnext_fast.run_files import atomic_write_text, to_jsonable
 
 
@@ -39,19 +40,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None, metavar="N", help="loader threads/workers")
     parser.add_argument("--device", default=None, metavar="cuda|cpu", help="default: cuda when available")
     parser.add_argument("--amp", default=None, metavar="bf16|fp16|off", help="default: bf16 on CUDA, off on CPU")
-
-
-def parse_sizes(text: str | None) -> list[int] | None:
-    """``"160,192,224"`` -> [160, 192, 224]; None stays None (the weights' own size)."""
-    if text is None:
-        return None
-    try:
-        sizes = [int(p) for p in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--img-size: expected PX or PX,PX,... (e.g. 160,192,224), got {text!r}") from None
-    if len(set(sizes)) != len(sizes):
-        raise ValueError(f"--img-size {text}: a size is listed twice")
-    return sizes
 
 
 def _eval_root(data: Path) -> Path:
@@ -105,40 +93,24 @@ def evaluate_sizes(weights: str | Path, data: Any, *, img_sizes: list[int] | Non
     """Evaluate WEIGHTS on DATA (a folder, or an ``ImageIndex``) at each of ``img_sizes`` (default: the trained
     size); with ``keep_outputs`` also return the logits, labels and paths as ``Predictions``."""
     import numpy as np
-    import torch
 
-    from convnext_fast.backends import set_backends
-    from convnext_fast.checkpoint import load_weights
-    from convnext_fast.config import AMP_MODES
-    from convnext_fast.data import build_loader, resolve_device, scan_folder
+    from convnext_fast.data import scan_folder
     from convnext_fast.data.index import ImageIndex
-    from convnext_fast.evaluate import evaluate_outputs, predict
-    from convnext_fast.model import create_model
+    from convnext_fast.evaluate import evaluate_outputs
+    from convnext_fast.inference.model import load_model
 
-    if amp is not None and amp not in AMP_MODES:
-        raise ValueError(f"--amp: expected one of {', '.join(AMP_MODES)}, got {amp!r}")
     if keep_outputs and loader == "synthetic":
         raise ValueError("--report needs the images of DATA; --loader synthetic makes up its own")
-    state, meta = load_weights(weights)
-    classes = list(meta["classes"])
+    lm = load_model(weights, device=device, amp=amp)  # the model and preprocessing predict and export use too
     index = data if isinstance(data, ImageIndex) else scan_folder(_eval_root(Path(data)), allow_empty=allow_empty)
+    classes, meta, dev = lm.classes, lm.meta, lm.device
     check_classes(weights, classes, index)
-    dev = resolve_device(device)
-    set_backends()  # training's policy: the same numerics as the run's own evaluation
-    model = create_model(meta["model_name"], len(classes), device=dev)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"{weights}: weights do not fit {meta['model_name']} ({str(e).splitlines()[0]})") from None
-    amp = amp or ("bf16" if dev.type == "cuda" else "off")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
     sizes = img_sizes or [int(meta["img_size"])]
     by_size, seconds, all_logits, labels = [], [], [], None
-    forward = lambda images: predict(model, images, tta=tta, amp_dtype=amp_dtype)  # noqa: E731
+    forward = lambda images: lm.forward(images, tta=tta)  # noqa: E731
     for size in sizes:
         t0 = time.perf_counter()
-        val = build_loader(index, train=False, img_size=size, batch_size=batch_size, backend=loader, device=dev,
-                           crop_pct=float(meta.get("crop_pct", 0.875)), num_workers=workers)
+        val = lm.loader(index, size, backend=loader, batch_size=batch_size, workers=workers)
         try:
             metrics, logits, labels = evaluate_outputs(forward, val, num_classes=len(classes), device=dev)
         finally:
@@ -149,7 +121,7 @@ def evaluate_sizes(weights: str | Path, data: Any, *, img_sizes: list[int] | Non
             all_logits.append(logits.numpy())
     info = {"weights": str(weights), "data": str(index.root), "model": meta["model_name"],
             "trained_img_size": int(meta["img_size"]), "tta": tta, "ema": weights_are_ema(weights, meta),
-            "amp": amp, "device": str(dev), "loader": loader, "images": len(index),
+            "amp": lm.amp, "device": str(dev), "loader": loader, "images": len(index),
             "created": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "eval_seconds": seconds}
     result = EvalResult(classes, meta, sizes, by_size, seconds, info=info)
     if keep_outputs:
