@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # The GPU check in stages, one command each, most valuable first, each inside its own time box (STAGE_BUDGET,
 # default 500 s: under the GPU machine's 10-minute call with room for its start-up):
+#   step       (a) `pytest -m gpu` on the GPU test files that do not use DALI: the compiled step, its sync-debug
+#                  check, device Mixup/losses/metrics/fused AdamW (needs no DALI: the first call can run it while
+#                  DALI's parts are still arriving)
 #   tests      (a) DALI (installed from .device-dali/ parts first when it is missing: benchmarks/stage_dali.py),
 #                  the DALI smoke test (which JPEG backend decoded, DALI's memory pool), then `pytest -m gpu` on
-#                  the test files that have GPU tests: DALI's GPU graph, the sync-debug tests, the compiled step
-#                  (test_benchmark.py's GPU test is left to stage bench: it would be a second benchmark)
+#                  the GPU test files that use DALI: the GPU graph against the CPU graph per op, the sync-debug
+#                  tests of loader + step, the compiled training run (test_benchmark.py's GPU test is left to
+#                  stage bench: it would be a second benchmark)
 #   bench      (b) `convnext-fast benchmark` at the seed's final size: ConvNeXt-Tiny, 176 px, batch 256, loaders
 #                  dali + torchvision: loader only, step only, fast and baseline loops, the verdict (one compile)
 #   sizes      (c) 128 and 192 px with the progressive projection 128 -> 192 (two compiles)
@@ -26,7 +30,7 @@ stages=()
 while [ $# -gt 0 ] && [ "$1" != -- ]; do stages+=("$1"); shift; done
 [ "${1:-}" = -- ] && shift
 extra=("$@")
-all_stages="tests bench sizes ablations cache"
+all_stages="step tests bench sizes ablations cache"
 if [ ${#stages[@]} -eq 0 ]; then
     echo "usage: benchmarks/gpu_check.sh STAGE [STAGE...] [-- benchmark args]; stages, most valuable first:" \
          "$all_stages (or all)" >&2
@@ -125,12 +129,20 @@ stage_tests() {
     else
         run_step dali-smoke 120 "$PY" -u benchmarks/dali_smoke.py --device "$DEVICE" --json "$WORK/dali-smoke.json"
     fi
-    # Every test file with GPU tests, but test_benchmark.py (a whole --quick benchmark: stage bench measures it).
-    local files
-    mapfile -t files < <(grep -l "mark.gpu" tests/test_*.py | grep -v "tests/test_benchmark.py")
-    run_step pytest-gpu 420 "$PY" -u -m pytest -m gpu -v -rs -p no:cacheprovider --durations=15 \
-        --junitxml "$WORK/pytest-gpu.xml" "${files[@]}"
+    gpu_tests pytest-gpu-dali dali
 }
+
+gpu_tests() {  # gpu_tests NAME dali|nodali: pytest -m gpu on the test files with GPU tests that do / don't use DALI
+    local name=$1 want=$2 files=() f
+    # Not test_benchmark.py: its GPU test is a whole --quick benchmark (stage bench measures the real one).
+    for f in $(grep -l "mark.gpu" tests/test_*.py | grep -v "tests/test_benchmark.py"); do
+        if grep -qi dali "$f"; then [ "$want" = dali ] && files+=("$f"); else [ "$want" = nodali ] && files+=("$f"); fi
+    done
+    run_step "$name" 420 "$PY" -u -m pytest -m gpu -v -rs -p no:cacheprovider --durations=15 \
+        --junitxml "$WORK/$name.xml" "${files[@]}"
+}
+
+stage_step() { gpu_tests pytest-gpu-step nodali; }
 
 stage_bench() { bench bench "$STAGE_BUDGET" --sizes "$SIZE" --loaders dali,torchvision --ablation-sizes none; }
 stage_sizes() { bench sizes "$STAGE_BUDGET" --sizes "$SIZES2" --loaders dali,torchvision --ablation-sizes none \

@@ -48,9 +48,11 @@ def test_gpu_check_stages_on_a_gpu_machine_keep_to_one_compile_each(tmp_path):
     proc = _gpu_check("all", env=env)
     assert proc.returncode == 0, proc.stderr
     steps = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": " in line)
-    assert {"pytest-gpu", "bench", "sizes", "ablations", "cache"} <= set(steps)
-    assert "-m pytest -m gpu" in steps["pytest-gpu"] and "tests/test_gpu_sync.py" in steps["pytest-gpu"]
-    assert "test_benchmark.py" not in steps["pytest-gpu"]
+    assert {"pytest-gpu-step", "pytest-gpu-dali", "bench", "sizes", "ablations", "cache"} <= set(steps)
+    step, dali = steps["pytest-gpu-step"], steps["pytest-gpu-dali"]
+    assert "-m pytest -m gpu" in step and "tests/test_engine.py" in step and "tests/test_gpu_sync.py" not in step
+    assert "tests/test_gpu_sync.py" in dali and "tests/test_dali_gpu_vs_cpu.py" in dali
+    assert "test_engine.py" not in dali and "test_benchmark.py" not in step + dali
     bench = steps["bench"].split()
     for flag, value in (("--model", "convnext_tiny"), ("--sizes", "176"), ("--batch-size", "256"),
                         ("--loaders", "dali,torchvision"), ("--ablation-sizes", "none"), ("--device", "cuda")):
@@ -63,7 +65,7 @@ def test_gpu_check_stages_on_a_gpu_machine_keep_to_one_compile_each(tmp_path):
 
 def test_gpu_check_refuses_without_a_gpu_or_a_stage(tmp_path):
     usage = _gpu_check()
-    assert usage.returncode == 2 and "tests bench sizes ablations cache" in usage.stderr
+    assert usage.returncode == 2 and "step tests bench sizes ablations cache" in usage.stderr
     unknown = _gpu_check("bogus", env={"DEVICE": "cpu"})
     assert unknown.returncode == 2 and "unknown stage 'bogus'" in unknown.stderr
     if subprocess.run(["bash", "-c", "command -v nvidia-smi"], capture_output=True).returncode == 0:
@@ -98,11 +100,12 @@ def test_gpu_check_cuts_a_step_off_at_the_stage_time_box(tmp_path):
     out = tmp_path / "out"
     env = {"DEVICE": "cpu", "PY": str(py), "OUT": str(out), "WORK": str(tmp_path / "w"), "STAGE_BUDGET": "15"}
     start = time.monotonic()
-    proc = _gpu_check("bench", "cache", env=env, timeout=90)
-    assert time.monotonic() - start < 45 and proc.returncode == 1
+    proc = _gpu_check("bench", env=env, timeout=90)
+    assert time.monotonic() - start < 40 and proc.returncode == 1
     summary = (out / "summary.txt").read_text()
-    assert "bench: CUT OFF at its 15 s time box" in summary
-    assert "cache: CUT OFF" in summary and (out / "gpu-check.tar.gz").is_file()
+    assert "bench: CUT OFF at its 15 s time box" in summary and "stage bench: done" in summary
+    with tarfile.open(out / "gpu-check.tar.gz") as tar:
+        assert "./bench.log" in tar.getnames()
 
 
 def _wheel(folder: Path, name: str, version: str, files: dict[str, bytes]) -> Path:
