@@ -77,17 +77,23 @@ def test_gpu_check_refuses_without_a_gpu_or_a_stage(tmp_path):
 def test_gpu_check_refreshes_one_archive_after_every_step(tmp_path):
     """DEVICE=cpu with a stand-in Python that logs its arguments: after each stage OUT holds the same two files,
     the archive grows with each finished step, a failing step is recorded and the next stage still runs."""
-    py = _fake_bin(tmp_path, "python", 'echo "fake python $*"\n'
-                   'case "$*" in *"--sizes 32,48"*) echo "sizes went wrong" >&2; exit 3 ;; esac\n')
+    py = _fake_bin(tmp_path, "python", 'echo "fake python $* DALI_USE_VMM=${DALI_USE_VMM:-unset}"\n'
+                   'case "$*" in *"--sizes 32,48"*) echo "sizes went wrong" >&2; exit 3 ;;\n'
+                   '  *dali_smoke.py*) echo \'{"memory_pool": "works only with DALI_USE_VMM=0"}\' > "${@: -1}" ;;\n'
+                   'esac\n')
     out, work = tmp_path / "out", tmp_path / "work"
     env = {"DEVICE": "cpu", "PY": str(py), "OUT": str(out), "WORK": str(work)}
     seen = []
-    for stage in ("bench", "sizes", "cache"):
+    for stage in ("tests", "bench", "sizes", "cache"):
         proc = _gpu_check(stage, env=env)
         assert proc.returncode == (1 if stage == "sizes" else 0), proc.stdout + proc.stderr
         assert sorted(p.name for p in out.iterdir()) == ["gpu-check.tar.gz", "summary.txt"]
         with tarfile.open(out / "gpu-check.tar.gz") as tar:
             seen.append({Path(n).name for n in tar.getnames()})
+    # The smoke test found that DALI's pool needs DALI_USE_VMM=0: set for the steps after it, and the next calls.
+    assert "DALI_USE_VMM=0" in (work / "pytest-gpu-dali.log").read_text()
+    assert "DALI_USE_VMM=0" in (work / "bench.log").read_text()
+    assert {"dali-smoke.log", "pytest-gpu-dali.log", "dali-smoke.json"} <= seen.pop(0)
     assert {"bench.log", "summary.txt"} <= seen[0] and "sizes.log" not in seen[0]
     assert {"bench.log", "sizes.log"} <= seen[1] and {"bench.log", "sizes.log", "cache.log"} <= seen[2]
     summary = (out / "summary.txt").read_text()
@@ -95,15 +101,19 @@ def test_gpu_check_refreshes_one_archive_after_every_step(tmp_path):
     assert "--model convnext_atto" in (work / "bench.log").read_text()
 
 
-def test_gpu_check_cuts_a_step_off_at_the_stage_time_box(tmp_path):
+def test_gpu_check_cuts_a_step_off_at_its_time_box(tmp_path):
+    """A step that overruns is cut off at the stage's time box (STAGE_BUDGET), the archive still comes back; with
+    several stages in one call, TOTAL_BUDGET bounds them all and a stage left with under 15 s is skipped."""
     py = _fake_bin(tmp_path, "python", 'case "$1" in -c) exit 0 ;; esac\nsleep 60\n')  # -c: the summary's header
     out = tmp_path / "out"
-    env = {"DEVICE": "cpu", "PY": str(py), "OUT": str(out), "WORK": str(tmp_path / "w"), "STAGE_BUDGET": "15"}
+    env = {"DEVICE": "cpu", "PY": str(py), "OUT": str(out), "WORK": str(tmp_path / "w"), "STAGE_BUDGET": "15",
+           "TOTAL_BUDGET": "20"}
     start = time.monotonic()
-    proc = _gpu_check("bench", env=env, timeout=90)
+    proc = _gpu_check("bench", "cache", env=env, timeout=90)
     assert time.monotonic() - start < 40 and proc.returncode == 1
     summary = (out / "summary.txt").read_text()
     assert "bench: CUT OFF at its 15 s time box" in summary and "stage bench: done" in summary
+    assert "cache: skipped (the stage's time box is spent)" in summary
     with tarfile.open(out / "gpu-check.tar.gz") as tar:
         assert "./bench.log" in tar.getnames()
 
