@@ -35,9 +35,8 @@ def backend_probe(files: list) -> dict:
     out = {}
     for kind in BACKENDS:
         try:
-            dec = nvimgcodec.Decoder(backends=[nvimgcodec.Backend(getattr(nvimgcodec.BackendKind, kind))])
-            imgs = dec.decode([f.tobytes() for f in files])
-            out[kind] = "ok" if imgs and all(i is not None for i in imgs) else "cannot decode"
+            dec = nvimgcodec.Decoder(device_id=0, backends=[nvimgcodec.Backend(getattr(nvimgcodec.BackendKind, kind))])
+            out[kind] = "ok" if all(dec.decode(f.tobytes()) is not None for f in files) else "cannot decode"
         except Exception as e:  # noqa: BLE001 - a backend that fails to load is the finding, not an error
             out[kind] = f"{type(e).__name__}: {str(e)[:200]}"
     return out
@@ -77,9 +76,10 @@ def child(device: str, batch: int) -> dict:
     except ImportError as e:
         res["nvimgcodec"] = f"not importable ({e})"
     cuda = device == "cuda"
+    sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout, if any
     try:
         from convnext_fast.data.dali import HW_DECODER_LOAD as hw_load
-    except ImportError:
+    except Exception:  # noqa: BLE001 - the smoke test stands alone: any checkout trouble means the default
         hw_load = HW_DECODER_LOAD
     res["hw_decoder_load"] = hw_load
     if cuda:
@@ -109,7 +109,6 @@ def child(device: str, batch: int) -> dict:
         res["device_memory_taken_mib"] = round((free0 - torch.cuda.mem_get_info()[0]) / 2**20)
         res["nvimgcodec_backends"] = backend_probe(files)
         try:  # the project's own probe (the benchmark JSON records it too), when the checkout has it
-            sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
             from convnext_fast.data.jpeg_backend import jpeg_backend_info
             res["jpeg_backend_info"] = jpeg_backend_info(device)
         except ImportError:
@@ -131,8 +130,11 @@ def decoded_by(res: dict) -> str:
 
 
 def run_child(device: str, batch: int, env: dict) -> tuple[int, dict | None, str]:
-    proc = subprocess.run([sys.executable, "-u", __file__, "--child", "--device", device, "--batch", str(batch)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    try:
+        proc = subprocess.run([sys.executable, "-u", __file__, "--child", "--device", device, "--batch", str(batch)],
+                              capture_output=True, text=True, env=env, timeout=300)
+    except subprocess.TimeoutExpired as e:
+        return 124, None, f"the decode did not finish in {e.timeout} s: {e.stderr or ''}"
     last = proc.stdout.strip().splitlines()[-1:] or [""]
     try:
         return proc.returncode, json.loads(last[0]), proc.stderr

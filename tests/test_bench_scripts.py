@@ -200,6 +200,19 @@ def test_stage_dali_parts_reassemble_and_install_with_no_index(tmp_path, stage_d
     assert not (tmp_path / "site" / "pytest_fake_marker.py").exists() and "kept as they are: pytest" in proc.stdout
 
 
+def test_dali_smoke_decodes_one_batch_and_says_how(tmp_path):
+    """The smoke test run right after a no-index install: on the CPU here (the same graph with device_id=None)."""
+    pytest.importorskip("nvidia.dali")
+    out = tmp_path / "smoke.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "dali_smoke.py"), "--device", "cpu", "--json",
+                           str(out)], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads(out.read_text())
+    assert res["ok"] and res["pixels_ok"] and res["batch_shape"] == [8, 224, 224, 3]
+    assert res["dali"] and res["decoded_by"].startswith("CPU") and len(res["tries"]) == 1
+    assert f"decoded_by: {res['decoded_by']}" in proc.stdout
+
+
 def test_loader_bench_reports_the_first_epochs_main_thread_cost(tmp_path):
     pytest.importorskip("nvidia.dali")
     rng = np.random.default_rng(0)
