@@ -289,6 +289,8 @@ def install(args: argparse.Namespace) -> int:
         raise SystemExit(f"stage_dali: pip install --no-index failed (exit {proc.returncode})")
     env = dict(os.environ)
     if args.target:
+        # nvImageCodec's nvidia/__init__.py is pkgutil.extend_path: first on PYTHONPATH, ours spans the machine's
+        # nvidia/ folders (torch's CUDA libraries) instead of hiding them.
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(args.target).resolve()),
                                                         env.get("PYTHONPATH")) if p)
         log(f"installed into {args.target}: export PYTHONPATH={env['PYTHONPATH']} for the commands after this")

@@ -118,6 +118,9 @@ def test_gpu_check_cuts_a_step_off_at_its_time_box(tmp_path):
         assert "./bench.log" in tar.getnames()
 
 
+NVIDIA_INIT = b"__path__ = __import__('pkgutil').extend_path(__path__, __name__)\n"  # as nvImageCodec's wheel has
+
+
 def _wheel(folder: Path, name: str, version: str, files: dict[str, bytes]) -> Path:
     """A minimal valid wheel (dist-info with METADATA, WHEEL, RECORD)."""
     dist = f"{name}-{version}.dist-info"
@@ -173,8 +176,9 @@ def test_stage_dali_parts_reassemble_and_install_with_no_index(tmp_path, stage_d
     rng = np.random.default_rng(0)
     wheels = tmp_path / "wheels"
     wheels.mkdir()
-    _wheel(wheels, "nvidia_fake_dali", "2.4.0", {"nvidia_fake_dali/__init__.py": b"VERSION = '2.4.0'\n",
-                                                 "nvidia_fake_dali/blob.bin": rng.bytes(20_000)})
+    _wheel(wheels, "nvidia_fake_dali", "2.4.0", {"nvidia/__init__.py": NVIDIA_INIT,
+                                                 "nvidia/fake_dali/__init__.py": b"VERSION = '2.4.0'\n",
+                                                 "nvidia/fake_dali/blob.bin": rng.bytes(20_000)})
     _wheel(wheels, "pytest", "0.0.1", {"pytest_fake_marker.py": b""})
     stage = tmp_path / "stage"
     manifest = stage_dali.pack(wheels, stage, part_mib=4 / 1024, level=1)
@@ -196,8 +200,15 @@ def test_stage_dali_parts_reassemble_and_install_with_no_index(tmp_path, stage_d
     moved.write_bytes(bytes(data))
     proc = subprocess.run(install, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert (tmp_path / "site" / "nvidia_fake_dali" / "blob.bin").stat().st_size == 20_000
+    assert (tmp_path / "site" / "nvidia" / "fake_dali" / "blob.bin").stat().st_size == 20_000
     assert not (tmp_path / "site" / "pytest_fake_marker.py").exists() and "kept as they are: pytest" in proc.stdout
+    # On PYTHONPATH (the --target fallback), the installed `nvidia` package spans the environment's nvidia/ folders
+    # too (torch's CUDA libraries; here the real DALI), instead of hiding them.
+    probe = ("import importlib.util as u, nvidia.fake_dali as f; print(f.VERSION, "
+             "u.find_spec('nvidia.cu13') is not None or u.find_spec('nvidia.dali') is not None)")
+    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert shown.stdout.split() == ["2.4.0", "True"], shown.stderr
 
 
 def test_dali_smoke_decodes_one_batch_and_says_how(tmp_path):
