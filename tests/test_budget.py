@@ -10,9 +10,7 @@ import signal
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from convnext_fast import budget
 from convnext_fast.budget import (DeadlineSink, EpochTimes, fit_to_epochs, parse_duration, plan_epochs,
@@ -118,18 +116,8 @@ def test_deadline_sink_does_not_count_a_sizes_compile_as_its_epoch_time():
 # ------------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("val", 3)):
-        for c, name in enumerate(("red", "green")):
-            d = root / split / name
-            d.mkdir(parents=True)
-            for i in range(n):
-                px = rng.integers(0, 90, (36, 36, 3))
-                px[..., c] += 150
-                Image.fromarray(px.astype(np.uint8)).save(d / f"{i}.jpg")
-    return root
+def data(colour_data) -> Path:
+    return colour_data  # conftest: train/ and val/, two colour-coded classes (read only)
 
 
 def _args(data: Path, out: Path, *extra: str) -> list[str]:
