@@ -46,6 +46,7 @@ from convnext_fast.run_files import RunReporter, atomic_write_text, epoch_table,
 from convnext_fast.runs.status import StatusSink
 from convnext_fast.schedule import ResolutionSchedule, check_model_sizes, check_resume
 from convnext_fast.sinks import Callback, Sinks
+from convnext_fast.stopping import StopRequest
 from convnext_fast.trackers import build_trackers
 
 
@@ -64,29 +65,6 @@ class LoopState:
     wall_time_s: float = 0.0  # over all sessions of this run
     rows: list = field(default_factory=list)  # the metrics.jsonl rows so far
     best_eval: dict = field(default_factory=dict)  # per_class_acc and confusion of the best epoch
-
-
-class _StopRequest:
-    """SIGINT/SIGTERM set a flag the loop polls; a second Ctrl-C aborts at once."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._old: dict[int, Any] = {}
-
-    def install(self) -> None:
-        try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread (e.g. called from a notebook worker): no graceful stop
-            self._old = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signum = signum
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # the second Ctrl-C raises KeyboardInterrupt
-
-    def restore(self) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
 
 
 def default_run_dir(name: str | None) -> Path:
@@ -140,7 +118,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, tty: bool | None = None,
     """
     t_start = time.perf_counter()
     dist = init_distributed(cfg.run.device)
-    stop = _StopRequest()
+    stop = StopRequest()
     stop.install()
     run = None
     # status.json first (trackers upload it at the end), then the trackers the config asks for, then the caller's
@@ -263,7 +241,7 @@ def _setup(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None, sin
     return run
 
 
-def _train(run: _Run, stop: _StopRequest, t_start: float) -> dict:
+def _train(run: _Run, stop: StopRequest, t_start: float) -> dict:
     cfg, dist, run_dir, engine, sched, state, meta = run.cfg, run.dist, run.run_dir, run.engine, run.sched, \
         run.state, run.meta
     train_loader, val_loader, reporter, progress = run.train_loader, run.val_loader, run.reporter, run.progress
@@ -384,7 +362,7 @@ def _train(run: _Run, stop: _StopRequest, t_start: float) -> dict:
     return _finish(cfg, run_dir, state, reporter, progress, dist, engine, run.lr)
 
 
-def _interrupted(run_dir: Path, engine: Engine, state: LoopState, meta: dict, dist: DistInfo, stop: _StopRequest,
+def _interrupted(run_dir: Path, engine: Engine, state: LoopState, meta: dict, dist: DistInfo, stop: StopRequest,
                  progress: TrainProgress, saved: bool = False) -> Interrupted:
     progress.close()
     with run_guard.saving(run_dir):
