@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("convnext_fast.commands.train", "train a model on an image folder (no DATA: the demo dataset)"),
     "eval": ("convnext_fast.commands.eval", "evaluate a checkpoint or model.safetensors on an image folder"),
     "benchmark": ("convnext_fast.commands.benchmark", "throughput report: fast loop vs the torchvision baseline"),
+    "tune": ("convnext_fast.commands.tune", "search the recipe (lr, regularization, augmentation) within a time "
+                                            "budget: short low-resolution trials, then the best at full fidelity"),
     "demo-data": ("convnext_fast.data.demo", "write the procedurally drawn demo dataset"),
 }
 

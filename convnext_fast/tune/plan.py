@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from convnext_fast.budget import fit_to_epochs, format_duration, schedule_seconds
 from convnext_fast.config import TrainConfig, apply_overrides
 
 REDUCTION_FACTOR = 3  # successive halving keeps the best third at each rung (Optuna's ASHA; Li et al. 2020)
@@ -78,10 +79,10 @@ def stage1_config(base: TrainConfig, epochs: int) -> TrainConfig:
     """``base`` as a short low-resolution trial: fixed size (also for evaluation), ``epochs`` epochs, warmup scaled
     by the same factor as the run; early stopping off (the pruner decides)."""
     size = stage1_size(base)
-    warmup = base.optim.warmup_epochs * epochs / base.run.epochs
-    return apply_overrides(base, {
+    short = fit_to_epochs(base, min(epochs, base.run.epochs))  # the warmup shrinks with the run (budget's rule)
+    return apply_overrides(short, {
         "data": {"img_size": size, "progressive": None, "ramp": None, "eval_img_size": size},
-        "optim": {"warmup_epochs": warmup}, "run": {"epochs": epochs, "patience": None}}, "tune stage 1")
+        "run": {"epochs": epochs, "patience": None}}, "tune stage 1")
 
 
 def default_trial_epochs(base: TrainConfig) -> int:
@@ -95,8 +96,8 @@ def first_rung(trial_cfg: TrainConfig) -> int:
 
 
 def run_seconds(cfg: TrainConfig, epoch_seconds: dict[int, float]) -> float:
-    """Estimated seconds for a whole run of ``cfg`` (sum over its scheduled epochs, evaluation included)."""
-    return sum(epoch_seconds[s] for s in cfg.resolution_schedule().per_epoch)
+    """Estimated seconds for a whole run of ``cfg`` (its scheduled epochs, evaluation and set-up included)."""
+    return schedule_seconds(cfg, cfg.run.epochs, epoch_seconds)
 
 
 def make_plan(base: TrainConfig, *, trial_epochs: int, trials: int | None, time_limit_s: float | None,
@@ -126,11 +127,4 @@ def make_plan(base: TrainConfig, *, trial_epochs: int, trials: int | None, time_
 
 
 def fmt_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(round(seconds))
-    if s < 120:
-        return f"{s}s"
-    if s < 7200:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    return "-" if seconds is None else format_duration(seconds)

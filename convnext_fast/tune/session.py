@@ -237,7 +237,10 @@ def finish(study: Any, study_dir: Path, base: TrainConfig, preset: str | None, s
     table = lb.rows(study)
     names = list(space)
     lb.write_csv(study_dir / "leaderboard.csv", table, names)
-    Console().print(lb.terminal_table(table, names, title=f"tune leaderboard: {study_dir}"))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # a log file: the whole row rather than 80 columns of ellipses
+    console.print(lb.terminal_table(table, names, title=f"tune leaderboard: {study_dir}"))
     w = st.winner(study)
     if w is not None:
         path = lb.write_best_toml(study_dir / "best.toml", Path(w.user_attrs["run_dir"]), preset,

@@ -119,8 +119,8 @@ class Worker:
 
     # --- one trial ----------------------------------------------------------------------------------------
     def objective(self, trial: Any) -> float:
-        fixed = trial.system_attrs.get("fixed_params")
-        retry_of = trial.system_attrs.get("failed_trial")
+        system = self.study._storage.get_trial(trial._trial_id).system_attrs  # a live Trial does not show them
+        fixed, retry_of = system.get("fixed_params"), system.get("failed_trial")
         stage = int(trial.user_attrs.get("stage", st.STAGE1))
         if fixed is None:  # sampled: stage 1 only, and only the first stage1_trials of them (workers race)
             rank = [t.number for t in st.stage1_originals(self.study)].index(trial.number)
