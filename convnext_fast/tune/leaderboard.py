@@ -93,6 +93,8 @@ def write_best_toml(path: Path, run_dir: Path, preset: str | None, note: str) ->
         for key, value in values.items():
             if value == ref[section][key]:
                 continue
+            if value is None and (section, key) in _NONE_AS:
+                value = _NONE_AS[section, key]
             if value is None:
                 raise ValueError(f"best.toml: {section}.{key} is None but the preset/defaults say "
                                  f"{ref[section][key]!r}, and TOML cannot write None")
@@ -104,6 +106,11 @@ def write_best_toml(path: Path, run_dir: Path, preset: str | None, note: str) ->
     return atomic_write_text(path, text)
 
 
+# TOML has no null: None spelt as a value that behaves the same (RandAugment with 0 ops applies nothing and
+# draws nothing, in both loaders).
+_NONE_AS = {("data", "randaugment"): (0, 0)}
+
+
 def _check_roundtrip(text: str, cfg: TrainConfig, path: Path) -> None:
     import tempfile
 
@@ -111,6 +118,8 @@ def _check_roundtrip(text: str, cfg: TrainConfig, path: Path) -> None:
         p = Path(d) / "best.toml"
         p.write_text(text)
         again = build_config(config_file=p)
+    if again.data.randaugment == (0, 0) and cfg.data.randaugment is None:
+        again.data.randaugment = None
     if again.to_dict() != cfg.to_dict():  # pragma: no cover - a writer bug must not hand out a wrong recipe
         raise AssertionError(f"{path}: written config does not read back to the trial's config")
 

@@ -53,8 +53,6 @@ def run(opts: TuneOptions) -> int:
     saved = study_dir / "tune.json"
     if opts.resume and not saved.is_file():
         raise ValueError(f"--resume {study_dir}: no tune.json (not a study directory)")
-    if not opts.resume and saved.is_file():
-        raise ValueError(f"--out {study_dir} already holds a study; continue it with --resume {study_dir}")
     lock = None
     if opts.storage is None:
         try:
@@ -64,6 +62,8 @@ def run(opts: TuneOptions) -> int:
                              f"wait for it, or share a study between processes with --storage postgresql://...") \
                 from None
     try:
+        if not opts.resume and saved.is_file():
+            raise ValueError(f"--out {study_dir} already holds a study; continue it with --resume {study_dir}")
         return _run_locked(opts, study_dir, saved)
     finally:
         if lock is not None:
