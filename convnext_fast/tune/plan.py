@@ -102,7 +102,7 @@ def run_seconds(cfg: TrainConfig, epoch_seconds: dict[int, float]) -> float:
 
 def make_plan(base: TrainConfig, *, trial_epochs: int, trials: int | None, time_limit_s: float | None,
               finalists: int, workers: int, parallel: int, epoch_s1: dict[int, float], epoch_s2: dict[int, float],
-              steps_per_epoch: int, limit_text: str = "--time-limit") -> Plan:
+              steps_per_epoch: int, limit_text: str | None = None) -> Plan:
     """The plan; ValueError with the estimate when ``time_limit_s`` cannot hold stage 2 and one stage-1 trial."""
     s1 = stage1_config(base, trial_epochs)
     trial1_s, run2_s = run_seconds(s1, epoch_s1), run_seconds(base, epoch_s2)
@@ -115,7 +115,7 @@ def make_plan(base: TrainConfig, *, trial_epochs: int, trials: int | None, time_
         fit = math.floor(left / trial1_s) * parallel if left > 0 else 0
         if fit < 1:
             raise ValueError(
-                f"{limit_text} {fmt_duration(time_limit_s)} is too short: stage 2 ({finalists} finalists + 2 "
+                f"{limit_text or '--time-limit ' + fmt_duration(time_limit_s)} is too short: stage 2 ({finalists} finalists + 2 "
                 f"reruns of ~{fmt_duration(run2_s)} each) needs ~{fmt_duration(plan.stage2_s)} and one stage-1 "
                 f"trial ~{fmt_duration(trial1_s)} (measured throughput); give at least "
                 f"~{fmt_duration(plan.stage2_s + trial1_s)}, or fewer --finalists / --trial-epochs")

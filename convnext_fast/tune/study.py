@@ -13,6 +13,7 @@ locking does not take concurrent writers).
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,11 @@ def optuna():
 
 
 def retry_callback() -> Any:
-    return optuna().storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+    """Retry a dead worker's trial once (a copy with its params and user attrs: its run directory, resumed)."""
+    o = optuna()
+    with warnings.catch_warnings():  # experimental since Optuna 2.8, and the documented way to do this
+        warnings.simplefilter("ignore", o.exceptions.ExperimentalWarning)
+        return o.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
 
 
 def check_storage(url: str | None, workers: int) -> None:

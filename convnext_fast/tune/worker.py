@@ -122,7 +122,7 @@ class Worker:
         system = self.study._storage.get_trial(trial._trial_id).system_attrs  # a live Trial does not show them
         fixed, retry_of = system.get("fixed_params"), system.get("failed_trial")
         stage = int(trial.user_attrs.get("stage", st.STAGE1))
-        if fixed is None:  # sampled: stage 1 only, and only the first stage1_trials of them (workers race)
+        if fixed is None and retry_of is None:  # sampled: stage 1 only, the first stage1_trials of them (workers race)
             rank = [t.number for t in st.stage1_originals(self.study)].index(trial.number)
             if rank >= self.plan.stage1_trials or (self.spec.deadline1 and time.time() >= self.spec.deadline1):
                 trial.set_user_attr("stray", True)
