@@ -27,7 +27,7 @@ from convnext_fast.runlock import RunDirBusy, RunLock
 from convnext_fast.tune import study as st
 from convnext_fast.tune.plan import Plan, default_trial_epochs, fmt_duration, make_plan, stage1_config
 from convnext_fast.tune.space import base_params, describe, load_space
-from convnext_fast.tune.worker import WorkerSpec, spec_space, worker_main
+from convnext_fast.tune.worker import Worker, WorkerSpec, spec_space, worker_main
 
 
 @dataclass
@@ -116,7 +116,9 @@ def _new_study(opts: TuneOptions, study_dir: Path) -> tuple:
     space = load_space(base, opts.space_file, s1.run.epochs * steps)
     print(f"measuring throughput on {device} (stage-1 and full-fidelity sizes) ...", flush=True)
     epoch_s1 = measure_epoch_seconds(s1, device=device)
-    epoch_s2 = measure_epoch_seconds(base, device=device)
+    # one size, evaluated at it: stage 1 differs from the base only in epochs, so its epochs cost the same
+    same = base.data.progressive is None and (base.data.eval_img_size or base.data.img_size) == base.data.img_size
+    epoch_s2 = epoch_s1 if same else measure_epoch_seconds(base, device=device)
     plan = make_plan(base, trial_epochs=trial_epochs, trials=opts.trials, time_limit_s=opts.time_limit_s,
                      finalists=opts.finalists, workers=opts.workers,
                      parallel=opts.workers if device.startswith("cuda") else 1, epoch_s1=epoch_s1, epoch_s2=epoch_s2,
@@ -175,35 +177,49 @@ def _run_workers(opts: TuneOptions, study_dir: Path, base: TrainConfig, plan: Pl
     # each worker and each session its own sampler seed (equal seeds would propose equal first trials), reproducible
     session = _clock(study_dir).get("sessions", 0)
     threads = max(1, (os.cpu_count() or 1) // n) if device == "cpu" else None
-    ctx = multiprocessing.get_context("spawn")
-    procs = []
+    specs = []
     for i in range(n):
         dev = f"cuda:{i % _gpus()}" if device == "cuda" and n > 1 and _gpus() > 1 else None
-        spec = WorkerSpec(study_dir=str(study_dir), storage_url=opts.storage, base=base.to_dict(), space=space,
-                          plan=plan.to_dict(), deadline1=deadline1, deadline=deadline, index=i,
-                          seed=base.run.seed * 1000 + 100 * session + i, threads=threads, device=dev)
-        p = ctx.Process(target=worker_main, args=(spec,), name=f"tune-worker-{i}")
+        specs.append(WorkerSpec(study_dir=str(study_dir), storage_url=opts.storage, base=base.to_dict(), space=space,
+                                plan=plan.to_dict(), deadline1=deadline1, deadline=deadline, index=i,
+                                seed=base.run.seed * 1000 + 100 * session + i, threads=threads, device=dev))
+    clock, t0, code = {"spent_s": _spent(study_dir), "sessions": session + 1}, time.time(), 0
+    if n == 1:  # in this process: a kill -9 or Ctrl-C of tune reaches its trial's run, nothing else to stop
+        try:
+            Worker(specs[0]).run()
+        except KeyboardInterrupt:
+            code = 130
+    else:
+        code = _run_processes(specs, study, opts.storage, study_dir, clock)
+    atomic_write_text(study_dir / "clock.json", json.dumps({**clock, "spent_s": clock["spent_s"] + time.time() - t0}))
+    if code:
+        print(f"convnext-fast tune: stopped; continue with: convnext-fast tune --resume {study_dir}", file=sys.stderr)
+    return code
+
+
+def _run_processes(specs: list[WorkerSpec], study: Any, storage: str | None, study_dir: Path, clock: dict) -> int:
+    """One spawned process per worker; the clock kept while they run; a dead one's trials failed and retried."""
+    ctx = multiprocessing.get_context("spawn")
+    procs = []
+    for spec in specs:
+        p = ctx.Process(target=worker_main, args=(spec,), name=f"tune-worker-{spec.index}")
         p.start()
         procs.append(p)
-    spent0, t0, code = _spent(study_dir), time.time(), 0
+    t0, code = time.time(), 0
     try:
         while any(p.is_alive() for p in procs):
             for p in procs:
-                p.join(timeout=2.0 / n)
-            atomic_write_text(study_dir / "clock.json", json.dumps({"spent_s": spent0 + time.time() - t0,
-                                                                           "sessions": session + 1}))
+                p.join(timeout=2.0 / len(procs))
+            atomic_write_text(study_dir / "clock.json",
+                              json.dumps({**clock, "spent_s": clock["spent_s"] + time.time() - t0}))
             for p in procs:
                 if p.exitcode not in (None, 0) and not getattr(p, "_seen", False):
                     p._seen = True  # type: ignore[attr-defined]
-                    code = _worker_died(p, study, opts.storage)
+                    code = _worker_died(p, study, storage)
     except KeyboardInterrupt:  # Ctrl-C reached the workers too: each saves its trial's checkpoint and stops
         for p in procs:
             p.join()
         code = 130
-    atomic_write_text(study_dir / "clock.json", json.dumps({"spent_s": spent0 + time.time() - t0,
-                                                                           "sessions": session + 1}))
-    if code:
-        print(f"convnext-fast tune: stopped; continue with: convnext-fast tune --resume {study_dir}", file=sys.stderr)
     return code
 
 
