@@ -53,6 +53,7 @@ def run(opts: TuneOptions) -> int:
     saved = study_dir / "tune.json"
     if opts.resume and not saved.is_file():
         raise ValueError(f"--resume {study_dir}: no tune.json (not a study directory)")
+    study_dir.mkdir(parents=True, exist_ok=True)
     lock = None
     if opts.storage is None:
         try:
@@ -62,7 +63,7 @@ def run(opts: TuneOptions) -> int:
                              f"wait for it, or share a study between processes with --storage postgresql://...") \
                 from None
     try:
-        if not opts.resume and saved.is_file():
+        if not opts.resume and saved.is_file() and opts.storage is None:  # with --storage: joining is the point
             raise ValueError(f"--out {study_dir} already holds a study; continue it with --resume {study_dir}")
         return _run_locked(opts, study_dir, saved)
     finally:

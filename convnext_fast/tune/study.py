@@ -58,9 +58,13 @@ def make_storage(study_dir: Path, url: str | None) -> Any:
     if url is None:
         from optuna.storages.journal import JournalFileBackend
         return o.storages.JournalStorage(JournalFileBackend(str(study_dir / "journal.log")))
+    if url.startswith("postgresql://"):  # the driver the `tune` extra installs (SQLAlchemy 2.1's default is psycopg 3)
+        url = "postgresql+psycopg2://" + url[len("postgresql://"):]
     try:
-        return o.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                                     heartbeat_stale_trial_callback=retry_callback())
+        with warnings.catch_warnings():  # heartbeats: "experimental" since Optuna 2.9, and what finds dead workers
+            warnings.simplefilter("ignore", o.exceptions.ExperimentalWarning)
+            return o.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                                         heartbeat_stale_trial_callback=retry_callback())
     except Exception as e:  # noqa: BLE001 - a wrong URL / unreachable server: one line, before any trial
         raise ValueError(f"--storage {url}: cannot open the study storage: {type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}") from None
