@@ -229,3 +229,30 @@ def test_refusals_are_one_line_before_any_trial(data, tmp_path, capsys, args, me
     assert not (tmp_path / "s" / "trials").exists()
     if "too short" in message:
         assert "one stage-1 trial ~" in err and "measured throughput" in err
+
+
+def test_the_time_limit_stops_a_running_trial_at_an_epoch_boundary(data, tmp_path):
+    """The trial's per-epoch reporter (what each tune trial runs with) past the deadline: the run stops after the
+    epoch it is in, resumable, and the trial records why."""
+    import convnext_fast
+    from convnext_fast.commands.train import flag_overrides
+    from convnext_fast.config import build_config
+    from convnext_fast.errors import Interrupted
+    from convnext_fast.tune.worker import Reporter
+
+    args = cli.build_parser("train").parse_args(["train", str(data), "--model", "convnext_atto", "--img-size", "32",
+                                                 "--batch-size", "8", "--loader", "torchvision", "--workers", "0",
+                                                 "--device", "cpu", "--epochs", "3", "--out", str(tmp_path / "run")])
+    cfg = build_config(flags=flag_overrides(args))
+    trial = optuna.create_study(direction="maximize").ask()
+    reporter = Reporter(trial, prune=False, deadline=time.time() - 1, epochs=3)
+    stopped = False
+    try:
+        summary = convnext_fast.train(cfg, report=reporter, tty=False)
+        stopped = summary.get("stopped_by") is not None  # a library that returns instead of raising
+    except Interrupted:
+        stopped = True
+    assert stopped and reporter.stopped_by == "time limit"
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 1 and (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+    assert list(trial.storage.get_trial(trial._trial_id).intermediate_values) == [1]
