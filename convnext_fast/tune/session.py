@@ -183,7 +183,8 @@ def _run_workers(opts: TuneOptions, study_dir: Path, base: TrainConfig, plan: Pl
         dev = f"cuda:{i % _gpus()}" if device == "cuda" and n > 1 and _gpus() > 1 else None
         specs.append(WorkerSpec(study_dir=str(study_dir), storage_url=opts.storage, base=base.to_dict(), space=space,
                                 plan=plan.to_dict(), deadline1=deadline1, deadline=deadline, index=i,
-                                seed=base.run.seed * 1000 + 100 * session + i, threads=threads, device=dev))
+                                seed=base.run.seed * 1000 + 100 * session + i, threads=threads, device=dev,
+                                owner=i == 0 and opts.resume and opts.storage is None))
     clock, t0, code = {"spent_s": _spent(study_dir), "sessions": session + 1}, time.time(), 0
     if n == 1:  # in this process: a kill -9 or Ctrl-C of tune reaches its trial's run, nothing else to stop
         try:

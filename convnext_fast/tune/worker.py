@@ -42,6 +42,8 @@ class WorkerSpec:
     seed: int = 0
     threads: int | None = None
     device: str | None = None
+    owner: bool = False  # this worker alone re-enqueues a claimed phase on --resume (a crash between claim and
+    #                     enqueue must not lose stage 2; enqueueing is idempotent, one job per key)
 
 
 class _Stray(Exception):
@@ -86,10 +88,10 @@ class Worker:
         if self._stage1_open():
             self._optimize(stage1=True)
         self._drain()
-        if st.claim(self.storage, "stage2"):
+        if st.claim(self.storage, "stage2") or self.spec.owner:
             st.enqueue_stage2(self.study, self.plan.finalists, self.base.run.seed)
         self._drain()
-        if st.claim(self.storage, "reruns"):
+        if st.claim(self.storage, "reruns") or self.spec.owner:
             st.enqueue_winner_rerun(self.study, self.base.run.seed)
         self._drain()
 
