@@ -38,6 +38,7 @@ class Plan:
     parallel: int  # runs that proceed side by side (GPU workers; CPU workers share the cores: 1)
     time_limit_s: float | None
     steps_per_epoch: int
+    stage1_max: int | None = None  # --trials: a hard cap; without it stage 1 runs until its share of the limit
 
     @property
     def stage2_s(self) -> float:
@@ -60,7 +61,8 @@ class Plan:
                                                f" sharing {device}'s cores (no speed-up assumed)")
         return "\n".join([
             f"tune plan ({side}; times estimated from measured throughput on {device}):",
-            f"  stage 1: {self.stage1_trials} trials x {self.stage1_epochs} epochs at {self.stage1_size} px, "
+            f"  stage 1: {'' if self.stage1_max else 'at least '}{self.stage1_trials} trials x {self.stage1_epochs} "
+            f"epochs at {self.stage1_size} px{'' if self.stage1_max else ' (more as pruning stops some early)'}, "
             f"pruned by successive halving from epoch {self.min_resource} (keeps 1/{REDUCTION_FACTOR} per rung): "
             f"~{fmt_duration(self.trial1_s)} per trial, at most ~{fmt_duration(self.stage1_s)}",
             f"  stage 2: {self.finalists} finalists (the default among them) + {self.reruns} second-seed reruns "
@@ -120,6 +122,7 @@ def make_plan(base: TrainConfig, *, trial_epochs: int, trials: int | None, time_
                 f"trial ~{fmt_duration(trial1_s)} (measured throughput); give at least "
                 f"~{fmt_duration(plan.stage2_s + trial1_s)}, or fewer --finalists / --trial-epochs")
         plan.stage1_trials = min(trials, fit) if trials else fit
+    plan.stage1_max = trials
     elif not trials:
         raise ValueError("tune needs --time-limit DURATION or --trials N (or both)")
     plan.finalists = min(finalists, plan.stage1_trials)

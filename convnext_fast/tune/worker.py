@@ -117,16 +117,17 @@ class Worker:
     def _stage1_open(self) -> bool:
         if self.spec.deadline1 is not None and time.time() >= self.spec.deadline1:
             return False
-        return len(st.stage1_originals(self.study)) < self.plan.stage1_trials
+        return self.plan.stage1_max is None or len(st.stage1_originals(self.study)) < self.plan.stage1_max
 
     # --- one trial ----------------------------------------------------------------------------------------
     def objective(self, trial: Any) -> float:
         system = self.study._storage.get_trial(trial._trial_id).system_attrs  # a live Trial does not show them
         fixed, retry_of = system.get("fixed_params"), system.get("failed_trial")
         stage = int(trial.user_attrs.get("stage", st.STAGE1))
-        if fixed is None and retry_of is None:  # sampled: stage 1 only, the first stage1_trials of them (workers race)
+        if fixed is None and retry_of is None:  # sampled: stage 1 only, within --trials (workers race to ask)
             rank = [t.number for t in st.stage1_originals(self.study)].index(trial.number)
-            if rank >= self.plan.stage1_trials or (self.spec.deadline1 and time.time() >= self.spec.deadline1):
+            over = self.plan.stage1_max is not None and rank >= self.plan.stage1_max
+            if over or (self.spec.deadline1 and time.time() >= self.spec.deadline1):
                 trial.set_user_attr("stray", True)
                 raise _Stray(f"trial {trial.number} was asked after stage 1 closed; not run")
             trial.set_user_attr("stage", st.STAGE1)
