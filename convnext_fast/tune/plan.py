@@ -117,14 +117,14 @@ def make_plan(base: TrainConfig, *, trial_epochs: int, trials: int | None, time_
         fit = math.floor(left / trial1_s) * parallel if left > 0 else 0
         if fit < 1:
             raise ValueError(
-                f"{limit_text or '--time-limit ' + fmt_duration(time_limit_s)} is too short: stage 2 ({finalists} finalists + 2 "
-                f"reruns of ~{fmt_duration(run2_s)} each) needs ~{fmt_duration(plan.stage2_s)} and one stage-1 "
+                f"{limit_text or '--time-limit ' + fmt_duration(time_limit_s)} is too short: stage 2 "
+                f"({finalists} finalists + 2 reruns of ~{fmt_duration(run2_s)} each) needs ~{fmt_duration(plan.stage2_s)} and one stage-1 "
                 f"trial ~{fmt_duration(trial1_s)} (measured throughput); give at least "
                 f"~{fmt_duration(plan.stage2_s + trial1_s)}, or fewer --finalists / --trial-epochs")
         plan.stage1_trials = min(trials, fit) if trials else fit
-    plan.stage1_max = trials
     elif not trials:
         raise ValueError("tune needs --time-limit DURATION or --trials N (or both)")
+    plan.stage1_max = trials
     plan.finalists = min(finalists, plan.stage1_trials)
     return plan
 
