@@ -4,7 +4,8 @@ DALI pipelines decode and augment on the GPU (the same graph runs on the CPU wit
 channels-last, compiled, AMP timm ConvNeXt loop. See README.md.
 
 Library entry point: ``convnext_fast.train(cfg, report=callback)`` (`convnext_fast.loop.train`), imported on first
-use so that ``import convnext_fast`` stays light.
+use so that ``import convnext_fast`` stays light. ``callback(row)`` gets each epoch's metrics row; returning True
+stops the run at that epoch boundary and ``train`` returns the summary with ``stopped_by`` (resumable).
 """
 
 __version__ = "0.1.0"

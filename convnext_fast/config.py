@@ -147,6 +147,8 @@ class RunConfig:
     deterministic: bool = _f(False, "torch.use_deterministic_algorithms (slower; bitwise-repeatable on one device)")
     allow_data_change: bool = _f(False, "--resume continues even if the image files changed since the checkpoint "
                                         "(no longer an exact resume); without it such a resume is refused")
+    time_limit: float | str | None = _f(None, "wall-time budget (8h, 90m, 1h30m, seconds): the epoch count (at most "
+                                              "epochs) is fixed up front from measured throughput; None = off")
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig,
@@ -321,6 +323,10 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
     _check(run.log_every >= 1, source, "run.log_every", run.log_every, ">= 1")
     _check(run.device is None or run.device.split(":")[0] in ("cpu", "cuda"), source, "run.device", run.device,
            "cpu, cuda or cuda:N")
+    if run.time_limit is not None:
+        from convnext_fast.budget import parse_duration  # config -> budget -> config: imported when used
+
+        parse_duration(run.time_limit, f"{source}: run.time_limit")
     try:
         cfg.resolution_schedule()
     except ValueError as e:

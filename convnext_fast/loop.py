@@ -57,6 +57,7 @@ class LoopState:
     best_epoch: int = 0
     epochs_since_best: int = 0
     stopped_early: bool = False
+    stopped_by: str = ""  # why an epoch sink/callback stopped the run before its last epoch ("" = it did not)
     wall_time_s: float = 0.0  # over all sessions of this run
     rows: list = field(default_factory=list)  # the metrics.jsonl rows so far
     best_eval: dict = field(default_factory=dict)  # per_class_acc and confusion of the best epoch
@@ -67,7 +68,6 @@ class _StopRequest:
 
     def __init__(self) -> None:
         self.signum = 0
-        self.reason = ""  # set when the stop came from an epoch sink rather than a signal
         self._old: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -124,14 +124,16 @@ class _Run:
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, tty: bool | None = None,
-          report: Callable[[dict], Any] | None = None, sinks: Sequence[Any] = ()) -> dict:
+          report: Callable[[dict], Any] | None = None, sinks: Sequence[Any] = (), budget: dict | None = None) -> dict:
     """Train with ``cfg`` (run directory ``cfg.run.out``); ``resume`` continues from its checkpoints/last.pt.
 
-    ``report(row)`` is called on rank 0 with each epoch's metrics.jsonl row once it is saved; returning True asks
-    the run to stop at that epoch boundary (checkpoint kept, resumable). ``sinks``: more receivers of the same
-    rows (see `convnext_fast.sinks`). Returns the summary dict (also written to summary.json). Raises ValueError
-    for bad input, TrainingError for a non-finite loss, Interrupted after saving a checkpoint on SIGINT/SIGTERM
-    or a stop asked by ``report``/a sink.
+    ``report(row)`` is called on rank 0 with each epoch's metrics.jsonl row once it is saved; returning True stops
+    the run at that epoch boundary: the checkpoint is kept and the run ends normally, its summary's
+    ``stopped_by`` saying why (``resume=True`` later finishes the same schedule). ``sinks``: more receivers of the
+    same rows (see `convnext_fast.sinks`); a sink stops the run the same way. ``budget``: the time limit's plan
+    (`convnext_fast.budget`), recorded as config.json's "budget". Returns the summary dict (also written to
+    summary.json). Raises ValueError for bad input, TrainingError for a non-finite loss, Interrupted after saving
+    a checkpoint on SIGINT/SIGTERM.
     """
     t_start = time.perf_counter()
     dist = init_distributed(cfg.run.device)
@@ -140,7 +142,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, tty: bool | None = None,
     run = None
     extra = [*sinks, *([Callback(report)] if report is not None else [])]
     try:
-        run = _setup(cfg, dist, resume, tty, extra)
+        run = _setup(cfg, dist, resume, tty, extra, budget)
         try:
             summary = _train(run, stop, t_start)
         except Interrupted:
@@ -149,7 +151,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, tty: bool | None = None,
         except BaseException:
             run.sinks.end("failed", None)
             raise
-        run.sinks.end("stopped_early" if summary["stopped_early"] else "finished", summary)
+        run.sinks.end("stopped" if summary["stopped_by"] else "stopped_early" if summary["stopped_early"]
+                      else "finished", summary)
         return summary
     finally:
         stop.restore()
@@ -172,7 +175,8 @@ def _resolution(cfg: TrainConfig) -> tuple[ResolutionSchedule, int]:
     return schedule, eval_size
 
 
-def _setup(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None, sinks: Sequence[Any] = ()) -> _Run:
+def _setup(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None, sinks: Sequence[Any] = (),
+           budget: dict | None = None) -> _Run:
     """Seeds, data, loaders, engine, LR schedule, run directory; the state of ``last.pt`` when resuming."""
     _seed_everything(cfg.run.seed, dist.rank)
     if cfg.run.deterministic:
@@ -230,6 +234,7 @@ def _setup(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None, sin
                              cfg.run.allow_data_change)
         engine.load_state_dict(ckpt["engine"])
         state = LoopState(**loop)
+        state.stopped_by = ""  # a resumed run goes on to its last epoch
         ckpt_io.set_rng_state(ckpt["rng"][dist.rank])
         if dist.is_main:
             run_guard.repair_after_kill(run_dir, state, engine.ema.module if engine.ema is not None else engine.model,
@@ -244,7 +249,7 @@ def _setup(cfg: TrainConfig, dist: DistInfo, resume: bool, tty: bool | None, sin
                     "train_root": str(train_index.root), "val_root": str(val_index.root),
                     "num_train": len(train_index) - run_guard.num_bad(train_index), "num_val": len(val_index),
                     "schedule": schedule.to_dict(), "eval_img_size": eval_size}
-        config = {**cfg.to_dict(), "resolved": resolved}
+        config = {**cfg.to_dict(), "resolved": resolved, **({"budget": budget} if budget else {})}
         atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2))
         atomic_write_text(run_dir / "classes.json", json.dumps(classes, indent=2))
         _write_rows(run_dir, state.rows)  # a resumed run drops rows logged after its checkpoint
@@ -360,15 +365,20 @@ def _train(run: _Run, stop: _StopRequest, t_start: float) -> dict:
         state.wall_time_s += time.perf_counter() - t_start
         t_start = time.perf_counter()
         run_guard.save_epoch(run_dir, engine, state, meta, dist, reporter, row, improved)
-        if run.sinks.epoch(row) and not stop.signum:  # rank 0 only; the all-reduce below tells every rank
-            stop.signum, stop.reason = signal.SIGTERM, "asked by an epoch callback"
+        asked = run.sinks.epoch(row)  # rank 0 only; the all-reduce below tells every rank
         progress.end_epoch(row)
         if state.stopped_early:
             progress.log(f"early stopping: no better val top-1 for {patience} epochs "
                          f"(best {state.best_top1:.2f}% at epoch {state.best_epoch})")
-        # SYNC (once per epoch): a stop request that arrived during evaluation, agreed by every rank.
-        if all_reduce_sum(torch.tensor([float(stop.signum)], device=dev)).item() and epoch + 1 < cfg.run.epochs:
+        # SYNC (once per epoch): a signal that arrived during evaluation, or a sink's stop, agreed by every rank.
+        signum, asked_any = all_reduce_sum(torch.tensor([float(stop.signum), float(bool(asked))], device=dev)).tolist()
+        if signum and epoch + 1 < cfg.run.epochs:
             raise _interrupted(run_dir, engine, state, meta, dist, stop, progress, saved=True)
+        if asked_any and epoch + 1 < cfg.run.epochs:  # the checkpoint of this epoch is saved: resumable
+            state.stopped_by = asked or "asked by an epoch sink on rank 0"
+            progress.log(f"stopping at the end of epoch {epoch + 1} of {cfg.run.epochs}: {state.stopped_by}; "
+                         f"convnext-fast train --resume {run_dir} finishes the schedule")
+            break
     progress.close()
     return _finish(cfg, run_dir, state, reporter, progress, dist, engine, run.lr)
 
@@ -382,7 +392,7 @@ def _interrupted(run_dir: Path, engine: Engine, state: LoopState, meta: dict, di
     signum = stop.signum or signal.SIGINT
     where = f"epoch {state.epoch + 1}, batch {state.batch_in_epoch}" if state.batch_in_epoch else \
         f"the end of epoch {state.epoch}"
-    why = stop.reason if stop.reason else signal.Signals(signum).name
+    why = signal.Signals(signum).name
     return Interrupted(int(signum), f"interrupted ({why}) at {where}; checkpoint saved to "
                                     f"{path}; continue with: convnext-fast train --resume {run_dir}")
 
@@ -394,7 +404,7 @@ def _finish(cfg: TrainConfig, run_dir: Path, state: LoopState, reporter: RunRepo
     summary = {
         "best_top1": state.best_top1 if math.isfinite(state.best_top1) else None,
         "best_epoch": state.best_epoch, "epochs_run": len(rows), "epochs": cfg.run.epochs,
-        "stopped_early": state.stopped_early, "wall_time_s": state.wall_time_s,
+        "stopped_early": state.stopped_early, "stopped_by": state.stopped_by or None, "wall_time_s": state.wall_time_s,
         "img_per_sec": sum(speeds) / len(speeds) if speeds else None,
         "selected_weights": "ema" if engine.ema is not None else "model", "tta": cfg.recipe.tta,
         "final_val_top1": rows[-1]["val_top1"] if rows else None, "model": cfg.model.name,

@@ -10,8 +10,12 @@ A sink implements any of these (each optional; missing methods are skipped):
     start(run_dir: Path, config: dict, resumed: bool)   # once, after config.json is written
     epoch(row: dict) -> bool | None                      # after each epoch's row is saved; True asks the run
                                                          # to stop at this epoch boundary (checkpoint saved,
-                                                         # the same path as SIGTERM)
-    end(state: str, summary: dict | None)                # finished | stopped_early | interrupted | failed
+                                                         # as for SIGTERM; the run then ends normally with
+                                                         # summary["stopped_by"] and can be resumed)
+    end(state: str, summary: dict | None)                # finished | stopped_early | stopped | interrupted
+                                                         # | failed
+
+A stopping sink may say why in a ``stop_reason`` attribute (else its ``name``, else its class name is used).
 """
 from __future__ import annotations
 
@@ -30,14 +34,15 @@ class Sinks:
     def __bool__(self) -> bool:
         return bool(self._sinks)
 
-    def _call(self, method: str, *args: Any) -> list:
+    def _call(self, method: str, *args: Any) -> list[tuple[Any, Any]]:
+        """(sink, its answer) for each sink that has ``method`` and did not fail."""
         out = []
         for sink in list(self._sinks):
             fn = getattr(sink, method, None)
             if fn is None:
                 continue
             try:
-                out.append(fn(*args))
+                out.append((sink, fn(*args)))
             except Exception as e:  # noqa: BLE001 - a sink must never take the run down
                 self._sinks.remove(sink)
                 self._warn(f"warning: {_name(sink)} failed in {method}() and is off for the rest of this run: "
@@ -47,9 +52,12 @@ class Sinks:
     def start(self, run_dir: Path, config: dict, resumed: bool) -> None:
         self._call("start", run_dir, config, resumed)
 
-    def epoch(self, row: dict) -> bool:
-        """Hand ``row`` to every sink; True when one of them asks the run to stop."""
-        return any(r is True for r in self._call("epoch", row))
+    def epoch(self, row: dict) -> str | None:
+        """Hand ``row`` to every sink; when one of them asks the run to stop, why (its stop_reason or name)."""
+        for sink, answer in self._call("epoch", row):
+            if answer is True:
+                return getattr(sink, "stop_reason", "") or _name(sink)
+        return None
 
     def end(self, state: str, summary: dict | None = None) -> None:
         self._call("end", state, summary)
@@ -57,6 +65,8 @@ class Sinks:
 
 class Callback:
     """A plain function as a sink: ``report(row) -> bool | None`` (True = stop at this epoch boundary)."""
+
+    name = "report callback"
 
     def __init__(self, fn: Callable[[dict], Any]) -> None:
         self.fn = fn

@@ -1,6 +1,7 @@
 """The epoch row's sinks (`convnext_fast.sinks`): the library call `train(cfg, report=..., sinks=...)` hands every
-sink the very rows metrics.jsonl holds, a report callback can stop the run at an epoch boundary (a resumable
-checkpoint), and a failing sink is one warning while the run and its files go on."""
+sink the very rows metrics.jsonl holds, a report callback can stop the run at an epoch boundary (train returns its
+summary with stopped_by; the checkpoint is kept and resumes), a signal still raises Interrupted, and a failing
+sink is one warning while the run and its files go on."""
 from __future__ import annotations
 
 import json
@@ -73,9 +74,26 @@ def test_sinks_get_the_metrics_rows_and_a_failing_sink_is_one_warning(data, tmp_
 def test_report_callback_stops_at_the_epoch_boundary_and_the_run_resumes(data, tmp_path):
     out, seen = tmp_path / "run", []
     rec = Recorder()
-    with pytest.raises(Interrupted, match="asked by an epoch callback.*end of epoch 1"):
-        convnext_fast.train(cfg(data, out), report=lambda row: seen.append(row["epoch"]) or True, sinks=[rec], tty=False)
-    assert seen == [1] and rec.events[-1] == ("end", "interrupted", False)
+    summary = convnext_fast.train(cfg(data, out), report=lambda row: seen.append(row["epoch"]) or True, sinks=[rec],
+                                  tty=False)
+    assert seen == [1] and summary["epochs_run"] == 1 and summary["stopped_by"] == "report callback"
+    assert rec.events[-1] == ("end", "stopped", True)
+    assert json.loads((out / "summary.json").read_text())["stopped_by"] == "report callback"
     assert (out / "checkpoints" / "last.pt").exists()
     summary = convnext_fast.train(cfg(data, out), resume=True, report=lambda row: seen.append(row["epoch"]), tty=False)
-    assert seen == [1, 2, 3] and summary["epochs_run"] == 3
+    assert seen == [1, 2, 3] and summary["epochs_run"] == 3 and summary["stopped_by"] is None
+
+
+def test_a_signal_still_raises_interrupted(data, tmp_path):
+    """SIGTERM (a pre-empted job) is not a stop the caller asked for: Interrupted, with the resume command."""
+    import os
+    import signal
+
+    out = tmp_path / "run"
+
+    def kill(row):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives at the epoch boundary, as a scheduler's SIGTERM would
+
+    with pytest.raises(Interrupted, match="SIGTERM.*end of epoch 1.*--resume") as e:
+        convnext_fast.train(cfg(data, out), report=kill, tty=False)
+    assert e.value.exit_code == 128 + signal.SIGTERM and not (out / "summary.json").exists()

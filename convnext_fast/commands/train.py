@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -98,6 +99,7 @@ FLAGS: dict[str, tuple[str, str, Any, str | None]] = {
     "--log-every": ("run", "log_every", _INT, "STEPS"),
     "--deterministic": ("run", "deterministic", "bool", None),
     "--allow-data-change": ("run", "allow_data_change", "bool", None),
+    "--time-limit": ("run", "time_limit", _optional(_text), "DURATION|off"),
 }
 
 
@@ -162,6 +164,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
             raise ValueError(f"--resume {run_dir}: no config.json (not a run directory)")
         saved = json.loads(saved_path.read_text())
         saved.pop("resolved", None)
+        saved.pop("budget", None)  # the time limit's plan: read back by budget.apply_time_limit, never re-made
         base = TrainConfig.from_dict(saved, source=str(saved_path))
         base.run.allow_data_change = False  # a one-time consent: each resume onto changed data must ask again
         flags.setdefault("run", {})["out"] = str(run_dir)
@@ -173,12 +176,19 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
 
 
 def run(args: argparse.Namespace) -> int:
+    started_at = time.monotonic()  # a --time-limit counts from here, before torch is imported
     from convnext_fast.errors import Interrupted, TrainingError
     from convnext_fast.loop import train
 
     cfg, resume = resolve_config(args)
+    budget, sinks = None, []
+    if cfg.run.time_limit is not None or resume:  # a resumed run keeps its plan's record even with the limit off
+        from convnext_fast.budget import apply_time_limit
+
+        # The limit counts from the command's start: importing, measuring and setting up are in it.
+        cfg, budget, sinks = apply_time_limit(cfg, resume=resume, started_at=started_at)
     try:
-        summary = train(cfg, resume=resume)
+        summary = train(cfg, resume=resume, sinks=sinks, budget=budget)
         if getattr(args, "report", False) and os.environ.get("RANK", "0") == "0":  # rank 0 alone, after DDP ends
             from convnext_fast.commands.eval import report_after_training
             report_after_training(cfg, summary)
