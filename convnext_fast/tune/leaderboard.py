@@ -82,6 +82,7 @@ def write_best_toml(path: Path, run_dir: Path, preset: str | None, note: str) ->
     the preset (or the defaults) give are left out; TOML has no null, so a None differing from them is refused."""
     saved = json.loads((run_dir / "config.json").read_text())
     saved.pop("resolved", None)
+    saved.pop("budget", None)
     saved["run"]["out"] = None
     cfg = TrainConfig.from_dict(saved, source=str(run_dir / "config.json"))
     ref = build_config(preset=preset).to_dict()

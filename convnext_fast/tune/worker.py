@@ -57,6 +57,14 @@ class Reporter:
         self.trial, self.prune, self.deadline, self.epochs = trial, prune, deadline, epochs
         self.stopped_by: str | None = None
 
+    @property
+    def stop_reason(self) -> str:
+        """What the run records as its summary's ``stopped_by`` (`convnext_fast.sinks`)."""
+        return self.stopped_by or ""
+
+    def epoch(self, row: dict) -> bool:  # as a sink of the run
+        return self(row)
+
     def __call__(self, row: dict) -> bool:
         value = row.get("ema_val_top1", row["val_top1"])
         self.trial.report(value, step=int(row["epoch"]))
@@ -174,9 +182,9 @@ class Worker:
                 trial.report(row.get("ema_val_top1", row["val_top1"]), step=int(row["epoch"]))
             trial.set_user_attr("resumed", True)
         try:
-            summary = train(cfg, resume=resume, tty=False, report=reporter)
+            summary = train(cfg, resume=resume, tty=False, sinks=[reporter])
         except Interrupted:
-            if reporter.stopped_by:
+            if reporter.stopped_by:  # a train() that raises on a sink's stop (before it returned stopped_by)
                 return None
             trial.set_user_attr("interrupted", True)  # Ctrl-C / SIGTERM: `tune --resume` continues this run
             raise KeyboardInterrupt from None
