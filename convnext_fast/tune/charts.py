@@ -71,8 +71,9 @@ def chart(series: list[Series], *, xlabel: str, ylabel: str, title: str, xlog: b
         out.append(f'<line x1="{pad_l}" y1="{fy(t):.1f}" x2="{width - pad_r}" y2="{fy(t):.1f}" class="grid"/>'
                    f'<text x="{pad_l - 6}" y="{fy(t) + 4:.1f}" class="tick" text-anchor="end">{_num(t)}</text>')
     xt = _ticks(x0, x1, xlog)
-    if integer_x:
-        xt = sorted({round(t) for t in xt})
+    if integer_x:  # epochs / trial numbers: every integer when few, else rounded evenly spaced ticks
+        xt = [float(v) for v in range(math.ceil(x0), math.floor(x1) + 1)] if x1 - x0 <= 12 else \
+            sorted({float(round(t)) for t in xt})
     for t in xt:
         out.append(f'<text x="{fx(t):.1f}" y="{height - pad_b + 16}" class="tick" text-anchor="middle">{_num(t)}</text>')
     out.append(f'<text x="{(pad_l + width - pad_r) / 2:.1f}" y="{height - 8}" class="label" '
