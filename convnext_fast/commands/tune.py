@@ -71,6 +71,8 @@ def _int(flag: str, text: str | None, low: int = 1) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import time
+    started_at = time.time()  # --time-limit counts from the command's start (measuring and planning in it)
     from convnext_fast.budget import parse_duration
     from convnext_fast.tune.session import TuneOptions, run as run_study
 
@@ -78,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     common = dict(time_limit_s=limit, time_limit_text=args.time_limit, workers=_int("--workers", args.workers),
                   storage=args.storage, trials=_int("--trials", args.trials),
                   trial_epochs=_int("--trial-epochs", args.trial_epochs), finalists=_int("--finalists", args.finalists),
-                  space_file=args.space)
+                  space_file=args.space, started_at=started_at)
     if args.resume is not None:
         if args.data or args.out or args.preset or args.config:
             raise ValueError("--resume STUDY_DIR continues a study with its saved plan; DATA, --out, --preset and "

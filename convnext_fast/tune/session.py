@@ -44,6 +44,7 @@ class TuneOptions:
     trial_epochs: int | None = None
     trials: int | None = None
     finalists: int = 3
+    started_at: float = dataclasses.field(default_factory=time.time)  # the limit counts from here (planning in it)
 
 
 def run(opts: TuneOptions) -> int:
@@ -133,7 +134,7 @@ def _new_study(opts: TuneOptions, study_dir: Path) -> tuple:
     for key, value in (("plan", plan.to_dict()), ("base", base.to_dict()), ("space", spec)):
         study.set_user_attr(key, value)
     if opts.time_limit_s:
-        study.set_user_attr("deadline", time.time() + opts.time_limit_s)
+        study.set_user_attr("deadline", opts.started_at + opts.time_limit_s)
     st.enqueue_default(study, base_params(s1, space, s1.run.epochs * steps))
     return base, plan, spec, storage, study
 
@@ -158,7 +159,7 @@ def _deadlines(opts: TuneOptions, plan: Plan, study_dir: Path, study: Any) -> tu
     if opts.storage is not None and "deadline" in study.user_attrs:  # shared: one wall clock for all machines
         end = float(study.user_attrs["deadline"])
     else:
-        end = time.time() + plan.time_limit_s - _spent(study_dir)
+        end = opts.started_at + plan.time_limit_s - _spent(study_dir)
     return end - plan.stage2_s, end
 
 
@@ -185,21 +186,23 @@ def _run_workers(opts: TuneOptions, study_dir: Path, base: TrainConfig, plan: Pl
                                 plan=plan.to_dict(), deadline1=deadline1, deadline=deadline, index=i,
                                 seed=base.run.seed * 1000 + 100 * session + i, threads=threads, device=dev,
                                 owner=i == 0 and opts.resume and opts.storage is None))
-    clock, t0, code = {"spent_s": _spent(study_dir), "sessions": session + 1}, time.time(), 0
+    # this session's time counts from its start: measuring and planning are part of the limit
+    clock, t0, code = {"spent_s": _spent(study_dir), "sessions": session + 1}, opts.started_at, 0
     if n == 1:  # in this process: a kill -9 or Ctrl-C of tune reaches its trial's run, nothing else to stop
         try:
             Worker(specs[0]).run()
         except KeyboardInterrupt:
             code = 130
     else:
-        code = _run_processes(specs, study, opts.storage, study_dir, clock)
+        code = _run_processes(specs, study, opts.storage, study_dir, clock, t0)
     atomic_write_text(study_dir / "clock.json", json.dumps({**clock, "spent_s": clock["spent_s"] + time.time() - t0}))
     if code:
         print(f"convnext-fast tune: stopped; continue with: convnext-fast tune --resume {study_dir}", file=sys.stderr)
     return code
 
 
-def _run_processes(specs: list[WorkerSpec], study: Any, storage: str | None, study_dir: Path, clock: dict) -> int:
+def _run_processes(specs: list[WorkerSpec], study: Any, storage: str | None, study_dir: Path, clock: dict,
+                   t0: float) -> int:
     """One spawned process per worker; the clock kept while they run; a dead one's trials failed and retried."""
     ctx = multiprocessing.get_context("spawn")
     procs = []
@@ -207,7 +210,7 @@ def _run_processes(specs: list[WorkerSpec], study: Any, storage: str | None, stu
         p = ctx.Process(target=worker_main, args=(spec,), name=f"tune-worker-{spec.index}")
         p.start()
         procs.append(p)
-    t0, code = time.time(), 0
+    code = 0
     try:
         while any(p.is_alive() for p in procs):
             for p in procs:

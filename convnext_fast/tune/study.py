@@ -177,7 +177,8 @@ def enqueue_winner_rerun(study: Any, base_seed: int) -> list[str]:
 
 def winner(study: Any) -> Any | None:
     done = trials(study, stage=STAGE2, states=("COMPLETE",))
-    return max(done, key=lambda t: t.value) if done else None
+    # a tie goes to the default: the search reports something else only when it measured better
+    return max(done, key=lambda t: (t.value, bool(t.user_attrs.get("default")))) if done else None
 
 
 def repair(study: Any, why: str) -> list[int]:

@@ -123,9 +123,21 @@ class Worker:
         return any(t.state.name == "WAITING" for t in self.study.get_trials(deepcopy=False))
 
     def _stage1_open(self) -> bool:
-        if self.spec.deadline1 is not None and time.time() >= self.spec.deadline1:
+        if self.spec.deadline1 is not None and time.time() >= self._stage1_deadline():
             return False
         return self.plan.stage1_max is None or len(st.stage1_originals(self.study)) < self.plan.stage1_max
+
+    def _stage1_deadline(self) -> float | None:
+        """The end of stage 1: the limit less stage 2's reserve, the reserve scaled by how much longer than
+        planned the finished stage-1 trials took (set-up, plots and a loaded machine are not in the measured
+        epochs), so that a slow machine shortens stage 1 rather than cutting stage 2."""
+        if self.spec.deadline1 is None or self.spec.deadline is None:
+            return self.spec.deadline1
+        ratios = sorted((t.datetime_complete - t.datetime_start).total_seconds() / self.plan.trial1_s
+                        for t in st.trials(self.study, stage=st.STAGE1, states=("COMPLETE",))
+                        if t.datetime_start and t.datetime_complete)
+        slow = max(1.0, ratios[len(ratios) // 2]) if ratios else 1.0
+        return min(self.spec.deadline1, self.spec.deadline - slow * self.plan.stage2_s)
 
     # --- one trial ----------------------------------------------------------------------------------------
     def objective(self, trial: Any) -> float:
@@ -135,7 +147,7 @@ class Worker:
         if fixed is None and retry_of is None:  # sampled: stage 1 only, within --trials (workers race to ask)
             rank = [t.number for t in st.stage1_originals(self.study)].index(trial.number)
             over = self.plan.stage1_max is not None and rank >= self.plan.stage1_max
-            if over or (self.spec.deadline1 and time.time() >= self.spec.deadline1):
+            if over or (self.spec.deadline1 and time.time() >= self._stage1_deadline()):
                 trial.set_user_attr("stray", True)
                 raise _Stray(f"trial {trial.number} was asked after stage 1 closed; not run")
             trial.set_user_attr("stage", st.STAGE1)
@@ -151,7 +163,7 @@ class Worker:
         cfg = self.trial_config(stage, params, bool(trial.user_attrs.get("default")),
                                 int(trial.user_attrs.get("seed", self.base.run.seed)), run_dir)
         prune = stage == st.STAGE1
-        reporter = Reporter(trial, prune, self.spec.deadline1 if prune else self.spec.deadline, cfg.run.epochs)
+        reporter = Reporter(trial, prune, self._stage1_deadline() if prune else self.spec.deadline, cfg.run.epochs)
         summary = self._train(trial, cfg, run_dir, reporter)
         stopped_by = reporter.stopped_by or (summary or {}).get("stopped_by")
         if stopped_by in ("pruned", "time limit") or summary is None:
