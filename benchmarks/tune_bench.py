@@ -114,6 +114,8 @@ def main() -> int:
                               text=True).stdout.strip(),
     }
     dest = REPO / "benchmarks" / "results" / f"tune-{args.device}-{os.cpu_count()}core-{stamp[:10]}"
+    if dest.with_suffix(".json").exists():  # results are added, never overwritten
+        dest = dest.with_name(f"{dest.name}-{stamp[11:]}")
     dest.with_suffix(".json").write_text(json.dumps(result, indent=2))
     lines = [f"# tune vs the preset on fashion-mnist ({stamp} UTC)", "", f"- machine: {result['machine']}",
              f"- command: `{result['command']}`", f"- wall time {wall / 60:.1f} min (budget {args.budget}); "
