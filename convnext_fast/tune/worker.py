@@ -165,6 +165,8 @@ class Worker:
         prune = stage == st.STAGE1
         reporter = Reporter(trial, prune, self._stage1_deadline() if prune else self.spec.deadline, cfg.run.epochs)
         summary = self._train(trial, cfg, run_dir, reporter)
+        if stage == st.STAGE1:
+            _drop_weights(run_dir)
         stopped_by = reporter.stopped_by or (summary or {}).get("stopped_by")
         if stopped_by in ("pruned", "time limit") or summary is None:
             trial.set_user_attr("stopped_by", stopped_by or "stopped")
@@ -205,6 +207,15 @@ class Worker:
             _record(trial, run_dir)
             raise
         return summary
+
+
+def _drop_weights(run_dir: Path) -> None:
+    """A finished stage-1 trial keeps its record (config, metrics, summary, plots), not its weights: hundreds of
+    short trials' checkpoints fill a disk (a 160-trial atto study on CPU wrote 8 GB), and nothing reads them.
+    A trial that did not finish (crash, kill) keeps them: its retry resumes from them."""
+    import shutil
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    (run_dir / "model.safetensors").unlink(missing_ok=True)
 
 
 def _record(trial: Any, run_dir: Path) -> None:
