@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-EXTRAS ?= dali-cu13,dev,onnx,parquet,tensorboard,mlflow,wandb
+EXTRAS ?= dali-cu13,dev,onnx,parquet,tensorboard,mlflow,wandb,tune
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 .PHONY: demo test venv clean

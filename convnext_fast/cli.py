@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("convnext_fast.commands.export", "export weights to ONNX (checked against PyTorch on real images)"),
     "benchmark": ("convnext_fast.commands.benchmark", "throughput report: fast loop vs the torchvision baseline"),
     "runs": ("convnext_fast.commands.runs", "list run directories, or compare runs (terminal and --html page)"),
+    "tune": ("convnext_fast.commands.tune", "search the recipe (lr, regularization, augmentation) within a time "
+                                            "budget: short low-resolution trials, then the best at full fidelity"),
     "demo-data": ("convnext_fast.data.demo", "write the procedurally drawn demo dataset"),
 }
 
