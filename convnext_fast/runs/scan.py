@@ -56,6 +56,12 @@ class RunRecord:
     def name(self) -> str:
         return self.path.name
 
+    @property
+    def curve(self) -> list[tuple[int, float]]:
+        """(epoch, val top-1 of the selected weights) per epoch with a finite value: what a learning curve draws."""
+        return [(int(r.get("epoch", i + 1)), float(r[self.best_key])) for i, r in enumerate(self.rows)
+                if _finite(r.get(self.best_key))]
+
     def to_dict(self, full: bool = False) -> dict:
         """JSON-able; ``full`` adds the config, rows, summary and per-class recall."""
         heavy = ("config", "rows", "summary", "per_class")

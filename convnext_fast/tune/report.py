@@ -16,7 +16,7 @@ from typing import Any
 from convnext_fast.run_files import atomic_write_text
 from convnext_fast.tune import study as st
 from convnext_fast.tune.charts import PALETTE, Series, chart
-from convnext_fast.tune.runs import read_run
+from convnext_fast.runs import read_run
 from convnext_fast.tune.space import fmt
 
 
@@ -110,7 +110,10 @@ def _curves(table: list[dict]) -> tuple[str, str]:
     for i, r in enumerate(sorted(table, key=lambda r: r["trial"])):
         if not r["run_dir"]:
             continue
-        curve = read_run(r["run_dir"]).curve
+        try:
+            curve = read_run(r["run_dir"]).curve
+        except ValueError:  # a trial that failed before its run directory was written: nothing to draw
+            continue
         stopped = r["state"] != "complete"
         s = Series([(float(e), v) for e, v in curve], f"trial {r['trial']} ({r['state']})",
                    colour="#cf222e" if r["default"] else PALETTE[i % len(PALETTE)], dashed=stopped, cut=stopped,

@@ -220,12 +220,16 @@ def _drop_weights(run_dir: Path) -> None:
 
 def _record(trial: Any, run_dir: Path) -> None:
     """The trial's own figures from its run directory (the leaderboard reads them from the study)."""
-    from convnext_fast.tune.runs import read_run
-    run = read_run(run_dir)
-    trial.set_user_attr("epochs_run", len(run.rows))
-    trial.set_user_attr("wall_s", round(run.wall_s, 1))
-    if run.best is not None:
-        trial.set_user_attr("best_top1", run.best)
+    from convnext_fast.runs import read_run  # the same reading as `runs list` (trials are ordinary runs)
+    try:
+        run = read_run(run_dir)
+    except ValueError:  # it failed before writing config.json (e.g. out of memory while building): no figures
+        trial.set_user_attr("epochs_run", 0)
+        return
+    trial.set_user_attr("epochs_run", run.epochs_run)
+    trial.set_user_attr("wall_s", round(run.wall_time_s or 0.0, 1))
+    if run.best_top1 is not None:
+        trial.set_user_attr("best_top1", run.best_top1)
 
 
 def worker_main(spec: WorkerSpec) -> None:
