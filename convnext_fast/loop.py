@@ -37,7 +37,7 @@ from convnext_fast.data.splits import resolve_train_val
 from convnext_fast.distributed import (DistInfo, all_gather_object, all_reduce_sum, destroy_distributed,
                                       init_distributed, replica_digests)
 from convnext_fast.engine import Engine, build_engine
-from convnext_fast.errors import Interrupted, TrainingError  # noqa: F401  (re-exported: train.TrainingError)
+from convnext_fast.errors import Interrupted, TrainingError
 from convnext_fast.evaluate import evaluate
 from convnext_fast.model import check_model_name
 from convnext_fast.optim import WarmupCosine
