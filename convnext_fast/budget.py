@@ -188,8 +188,9 @@ def measure_epoch_seconds(cfg: TrainConfig, *, device=None, steps: int = 3, warm
     per_size, record_sizes, overhead = {}, [], time.perf_counter() - t0
     try:
         for size in schedule.sizes:
-            with _closing(build_loader(train_index, train=True, img_size=size, batch_size=d.batch_size, scale=d.scale,
-                                       hflip=d.hflip, randaugment=d.randaugment, reprob=d.reprob, **common)) as loader:
+            loader = build_loader(train_index, train=True, img_size=size, batch_size=d.batch_size, scale=d.scale,
+                                  hflip=d.hflip, randaugment=d.randaugment, reprob=d.reprob, **common)
+            with contextlib.closing(loader):
                 rec = _measure_train(engine, loader, dev, d.batch_size, steps, warmup, repeats)
             overhead += rec["compile_s"]
             per_size[size] = rec["train_s"]
@@ -197,8 +198,8 @@ def measure_epoch_seconds(cfg: TrainConfig, *, device=None, steps: int = 3, warm
             if log:
                 log(f"time limit: measured {size}px: {rec['step_time_ms']:.1f} ms/step x {len(loader)} steps")
         val_batch = d.eval_batch_size or 2 * d.batch_size
-        with _closing(build_loader(val_index, train=False, img_size=eval_size, batch_size=val_batch,
-                                   **common)) as val:
+        val = build_loader(val_index, train=False, img_size=eval_size, batch_size=val_batch, **common)
+        with contextlib.closing(val):
             eval_s = _measure_eval(engine, val, dev, val_batch, min(eval_batches, len(val)), cfg.recipe.tta)
     finally:
         compiled = engine.speed.compile
@@ -212,14 +213,6 @@ def measure_epoch_seconds(cfg: TrainConfig, *, device=None, steps: int = 3, warm
               "eval_img_size": eval_size, "eval_s": eval_s, "overhead_s": overhead,
               "measure_s": time.perf_counter() - t0, "compile": "counted once per size in overhead_s"}
     return EpochTimes({s: t + eval_s for s, t in per_size.items()}, overhead, record)
-
-
-@contextlib.contextmanager
-def _closing(loader):
-    try:
-        yield loader
-    finally:
-        loader.close()
 
 
 def _measure_train(engine, loader, dev, batch_size: int, steps: int, warmup: int, repeats: int) -> dict:
